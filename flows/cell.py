@@ -1,0 +1,61 @@
+"""One cell of a sweep: one base model through one recipe, five stages in order.
+
+download -> quantize -> smoke -> benchmark -> publish. Each stage is a Prefect
+task keyed by its artifact key; this flow records what each stage did (computed
+or cached, how long, which error) and its metric rows.
+"""
+
+import time
+
+from prefect import flow
+
+from storage.artifacts import ArtifactRef, Store
+from storage.metrics import MetricStore
+from tasks.benchmark import benchmark_task
+from tasks.download import download_task, key_params, redact
+from tasks.publish import publish_task
+from tasks.quantize import quantize_task
+from tasks.smoke import smoke_task
+
+STAGES = ("download", "quantize", "smoke", "benchmark", "publish")
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+@flow(name="cell", flow_run_name="{model}/{recipe}")
+def cell(store: str, run_id: str, model: str, recipe: str, source: dict, settings: dict) -> dict:
+    """`settings` holds each stage's parameters, as the sweep flow prepared them."""
+    artifacts = Store(store)
+    history = MetricStore(artifacts.metrics_db)
+
+    def stage(name, task_fn, params, inputs, **extra) -> ArtifactRef:
+        started = time.time()
+        state = task_fn(store=store, params=params, inputs=inputs, return_state=True, **extra)
+        seconds = round(time.time() - started, 3)
+        if not state.is_completed():
+            error = redact(_error_text(state))
+            history.record_stage(run_id, model, recipe, name, None, "failed", False, seconds, error)
+            raise StageFailed(f"{model}/{recipe}: {name} failed: {error}")
+        ref = state.result()
+        cached = ref.reused or state.name == "Cached"
+        history.record_stage(run_id, model, recipe, name, ref.key, "done", cached, seconds)
+        rows = artifacts.manifest(ref)["info"].get("metrics", [])
+        history.record_metrics(run_id, model, recipe, name, ref.key, rows)
+        return ref
+
+    base = stage("download", download_task, key_params(source), [], resolved=source)
+    quantized = stage("quantize", quantize_task, settings["recipe"], [base])
+    smoke = stage("smoke", smoke_task, settings["smoke"], [quantized])
+    bench = stage("benchmark", benchmark_task, settings["benchmark"], [quantized])
+    published = stage("publish", publish_task, settings["publish"], [quantized, smoke, bench], dest=settings["export_to"])
+    return {"model": model, "recipe": recipe, "published": artifacts.manifest(published)["info"]}
+
+
+def _error_text(state) -> str:
+    try:
+        state.result()
+    except Exception as e:  # the stage's own exception, re-raised by Prefect
+        return f"{type(e).__name__}: {e}"
+    return state.message or state.name

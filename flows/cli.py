@@ -1,0 +1,122 @@
+"""`qsweep`: run a sweep, see its status, query its metrics, list recipes.
+
+Thin on purpose: it parses arguments and calls flows/ and storage/.
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+STAGES = ("download", "quantize", "smoke", "benchmark", "publish")
+
+
+def default_store() -> str:
+    return os.environ.get("QSWEEP_STORE", ".qsweep")
+
+
+def format_table(columns, rows) -> str:
+    cells = [[("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def cmd_run(args) -> int:
+    from flows.config import SweepError, load_sweep
+    from flows.sweep import resolve_models
+
+    try:  # refuse bad input before Prefect starts or any work is done
+        config, _ = load_sweep(args.sweep_file)
+        resolve_models(config)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from flows.sweep import sweep
+
+    state = sweep(sweep_file=str(args.sweep_file), store=str(Path(args.store).resolve()), return_state=True)
+    print()
+    cmd_status(args)
+    return 0 if state.is_completed() else 1
+
+
+def cmd_status(args) -> int:
+    from storage.metrics import MetricStore
+
+    db = MetricStore(Path(args.store) / "metrics.duckdb")
+    try:
+        _, runs = db.query("SELECT run_id, sweep, status, started, finished, cells FROM runs ORDER BY started DESC LIMIT 1")
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_id, name, status, started, finished, cells = runs[0]
+    _, stages = db.query("SELECT model, recipe, stage, status, cached, seconds, error FROM stages WHERE run_id = ?", [run_id])
+    done = {(m, r, s): ("cached" if c else st, sec, err) for m, r, s, st, c, sec, err in stages}
+    print(f"sweep {name}  run {run_id}  {status}  started {started:%Y-%m-%d %H:%M:%S}"
+          + (f"  took {(finished - started).total_seconds():.1f}s" if finished else ""))
+    rows = [[c["model"], c["recipe"]] + [done.get((c["model"], c["recipe"], s), ("pending",))[0] for s in STAGES]
+            for c in json.loads(cells)]
+    print(format_table(["model", "recipe", *STAGES], rows))
+    errors = [(m, r, s, e) for (m, r, s), (st, _, e) in done.items() if st == "failed"]
+    for m, r, s, e in errors:
+        print(f"\n{m}/{r} {s} failed: {e}")
+    return 1 if errors else 0
+
+
+def cmd_sql(args) -> int:
+    from storage.metrics import MetricStore
+
+    try:
+        columns, rows = MetricStore(Path(args.store) / "metrics.duckdb").query(args.query)
+    except Exception as e:  # a SQL error is the user's to read, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps([dict(zip(columns, r)) for r in rows], indent=2, default=str))
+    elif args.format == "csv":
+        w = csv.writer(sys.stdout)
+        w.writerow(columns)
+        w.writerows(rows)
+    else:
+        print(format_table(columns, rows))
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from tasks.recipes import BUILTINS, REFERENCE_SHAPES, bits_per_weight
+
+    print(f"bits per weight estimated on a {REFERENCE_SHAPES['layers']}-layer llama "
+          f"(hidden {REFERENCE_SHAPES['hidden']}, vocab {REFERENCE_SHAPES['vocab']}), scales included\n")
+    rows = [[r.name, f"{bits_per_weight(r):.2f}", r.description] for r in BUILTINS.values()]
+    print(format_table(["recipe", "bpw", "what it does"], rows))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="qsweep", description=__doc__.splitlines()[0])
+    parser.add_argument("--store", default=default_store(), help="artifact and metric store (default: $QSWEEP_STORE or ./.qsweep)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    store_opt = argparse.ArgumentParser(add_help=False)
+    store_opt.add_argument("--store", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("run", parents=[store_opt], help="run a sweep file")
+    p.add_argument("sweep_file", type=Path)
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("status", parents=[store_opt], help="cells x stages of the latest run")
+    p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("sql", parents=[store_opt], help="query the metric history (read-only)")
+    p.add_argument("query")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.set_defaults(fn=cmd_sql)
+    p = sub.add_parser("recipes", help="the built-in recipes")
+    p.set_defaults(fn=cmd_recipes)
+
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The sweep file: models x recipes plus stage settings, validated before any work.
+
+Every mistake is reported with the field's path in the file and what is allowed,
+e.g. `recipes[2].bits: bits 7 is not allowed for mode affine; allowed: 2, 3, 4, 5, 6, 8`.
+"""
+
+import hashlib
+from pathlib import Path
+from typing import Annotated, Union, get_args
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.recipes import BUILTINS, Recipe, RecipeError, Rule, get_recipe
+
+
+class SweepError(ValueError):
+    pass
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    source: str  # hf://org/name[@revision], demo://tiny-llama, or a local directory
+
+
+class RuleSpec(Strict):
+    match: str
+    bits: int | None = None
+    group_size: int | None = None
+    mode: str | None = None
+    keep: bool = False
+
+
+class RecipeSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    bits: int | None
+    group_size: int = 64
+    mode: str = "affine"
+    dtype: str = "bfloat16"
+    rules: list[RuleSpec] = []
+    description: str = ""
+
+
+class SmokeSpec(Strict):
+    prompt: str = "What is the capital of France? Answer in one sentence."
+    max_tokens: int = Field(48, ge=1, le=4096)
+
+
+class BenchmarkSpec(Strict):
+    tasks: list[str] = Field(["qsweep_demo_mc"], min_length=1)
+    limit: int | None = Field(None, ge=1)
+    num_fewshot: int = Field(0, ge=0)
+    chat_template: bool = False  # multiple-choice scores skew with it on; the card says which
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+
+
+class PublishSpec(Strict):
+    repo: str | None = None  # e.g. "my-org/{model}-{recipe}-mlx"; uploads only with a token present
+    private: bool = True
+    export_dir: str | None = None  # default: <store>/published
+    license: str | None = None
+
+
+class Sweep(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    models: list[ModelSpec] = Field(min_length=1)
+    recipes: list[Annotated[Union[str, RecipeSpec], AfterValidator(lambda r: _check_recipe(r))]] = Field(min_length=1)
+    smoke: SmokeSpec = SmokeSpec()
+    benchmark: BenchmarkSpec = BenchmarkSpec()
+    publish: PublishSpec = PublishSpec()
+
+    @model_validator(mode="after")
+    def _unique(self):
+        for what, names in (("models", [m.name for m in self.models]), ("recipes", [recipe_name(r) for r in self.recipes])):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{what}: duplicate names {', '.join(dupes)}; each must be unique")
+        return self
+
+    def recipe_objects(self) -> list[Recipe]:
+        return [get_recipe(r) if isinstance(r, str) else to_recipe(r) for r in self.recipes]
+
+
+def _check_recipe(r):
+    get_recipe(r) if isinstance(r, str) else to_recipe(r).check()
+    return r
+
+
+def recipe_name(r) -> str:
+    return r if isinstance(r, str) else r.name
+
+
+def to_recipe(spec: RecipeSpec) -> Recipe:
+    return Recipe(
+        name=spec.name, bits=spec.bits, group_size=spec.group_size, mode=spec.mode, dtype=spec.dtype,
+        rules=tuple(Rule(**r.model_dump()) for r in spec.rules), description=spec.description,
+    )
+
+
+def _fields_at(loc) -> list[str]:
+    """The keys allowed where `loc` points, for 'unknown key' messages."""
+    cls = Sweep
+    for part in loc[:-1]:
+        if isinstance(part, int) or cls is None:
+            continue
+        field = cls.model_fields.get(part)
+        ann = field.annotation if field else None
+        cls = None
+        for candidate in (ann, *get_args(ann), *(a for x in get_args(ann) for a in get_args(x))):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                cls = candidate
+                break
+        if cls is None and part == "recipes":
+            cls = RecipeSpec
+    return list(cls.model_fields) if cls else []
+
+
+def _where(loc) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _describe(err: dict) -> str:
+    # pydantic puts union branches and validators into the path; the user's file has neither
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p in ("str", "RecipeSpec") or p.startswith("function-"))))
+    if err["type"] == "extra_forbidden":
+        return f"{_where(loc)}: unknown key; allowed keys: {', '.join(_fields_at(loc))}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{_where(loc)}: {msg}" if loc else msg
+
+
+def parse_sweep(data, origin: str = "sweep") -> Sweep:
+    if not isinstance(data, dict):
+        raise SweepError(f"{origin}: expected a mapping with keys {', '.join(Sweep.model_fields)}")
+    try:
+        return Sweep.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors()
+        # A recipe given as a mapping fails the `str` branch too; that error says nothing useful.
+        errors = [x for x in errors if not (x["type"] == "string_type" and "recipes" in x["loc"] and len(errors) > 1)]
+        lines = sorted({_describe(x) for x in errors})
+        raise SweepError(f"{origin}: invalid sweep file:\n  " + "\n  ".join(lines)) from None
+
+
+def load_sweep(path: Path | str) -> tuple[Sweep, str]:
+    """The validated sweep and the sha256 of the file's bytes."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep file {path} does not exist")
+    raw = path.read_bytes()
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise SweepError(f"{path}: not valid YAML: {e}") from None
+    return parse_sweep(data, str(path)), hashlib.sha256(raw).hexdigest()

@@ -1,0 +1,91 @@
+"""A sweep: validate the sweep file, record the run, run one cell flow per (model, recipe).
+
+A failed cell is recorded with its error and the others go on; the sweep
+fails at the end if any cell did. Finished stages are never recomputed: run
+the same sweep again after a crash and only unfinished stages run.
+"""
+
+import socket
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+from flows.cell import cell
+from flows.config import Sweep, SweepError, load_sweep
+from storage.artifacts import Store
+from storage.keys import tool_versions
+from storage.metrics import MetricStore
+from tasks.download import SourceError, key_params, resolve_source
+
+
+class SweepFailed(RuntimeError):
+    pass
+
+
+def resolve_models(config: Sweep) -> dict[str, dict]:
+    """Each model's source, resolved to what identifies its content (hub revision -> commit sha)."""
+    resolved, errors = {}, []
+    for i, m in enumerate(config.models):
+        try:
+            resolved[m.name] = resolve_source(m.source)
+        except SourceError as e:
+            errors.append(f"models[{i}].source: {e}")
+    if errors:
+        raise SweepError("invalid sweep file:\n  " + "\n  ".join(errors))
+    return resolved
+
+
+def plan_cells(config: Sweep, resolved: dict, store: Store) -> list[dict]:
+    """Every (model, recipe) cell with the parameters of each of its stages."""
+    export_dir = Path(config.publish.export_dir or store.root / "published")
+    cells = []
+    for m in config.models:
+        for recipe in config.recipe_objects():
+            repo = config.publish.repo.format(model=m.name, recipe=recipe.name) if config.publish.repo else None
+            cells.append({
+                "model": m.name,
+                "recipe": recipe.name,
+                "source": resolved[m.name],
+                "settings": {
+                    "recipe": recipe.params(),
+                    "smoke": config.smoke.model_dump(),
+                    "benchmark": config.benchmark.model_dump(),
+                    "publish": {
+                        "model": m.name, "recipe": recipe.params(), "recipe_description": recipe.description,
+                        "source": key_params(resolved[m.name]), "repo_id": repo,
+                        "private": config.publish.private, "license": config.publish.license,
+                    },
+                    "export_to": str(export_dir / f"{m.name}-{recipe.name}-mlx"),
+                },
+            })
+    return cells
+
+
+@flow(name="sweep", flow_run_name="{sweep_file}")
+def sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
+    log = get_run_logger()
+    config, digest = load_sweep(sweep_file)
+    resolved = resolve_models(config)
+    artifacts = Store(store)
+    history = MetricStore(artifacts.metrics_db)
+    cells = plan_cells(config, resolved, artifacts)
+    run_id = flow_run.get_id() or "local"
+    history.start_run(run_id, config.name, str(sweep_file), digest, socket.gethostname(), tool_versions(),
+                      [{"model": c["model"], "recipe": c["recipe"]} for c in cells])
+
+    outcomes, failed = [], []
+    # Prefect's task results live in the store, next to the artifacts they point to.
+    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: artifacts.prefect_results}):
+        for c in cells:
+            state = cell(store=str(artifacts.root), run_id=run_id, return_state=True, **c)
+            if state.is_completed():
+                outcomes.append(state.result())
+            else:
+                failed.append(f"{c['model']}/{c['recipe']}")
+                log.error("cell %s/%s failed: %s", c["model"], c["recipe"], state.message)
+    history.finish_run(run_id, "failed" if failed else "completed")
+    if failed:
+        raise SweepFailed(f"{len(failed)} of {len(cells)} cells failed: {', '.join(failed)}; see `qsweep status`")
+    return outcomes

@@ -1,0 +1,117 @@
+"""Metric history in DuckDB: sweep runs, stage executions, metric rows.
+
+DuckDB lets one process hold a file read-write, and while it does nobody can
+open it, not even read-only. So writers open short-lived connections and
+retry on a lock, and `qsweep sql` does the same with read_only=True: a user
+can query while a sweep runs.
+"""
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY,
+    sweep VARCHAR,
+    sweep_file VARCHAR,
+    sweep_digest VARCHAR,
+    host VARCHAR,
+    tools JSON,
+    cells JSON,
+    started TIMESTAMPTZ,
+    finished TIMESTAMPTZ,
+    status VARCHAR
+);
+CREATE TABLE IF NOT EXISTS stages (
+    run_id VARCHAR,
+    model VARCHAR,
+    recipe VARCHAR,
+    stage VARCHAR,
+    key VARCHAR,
+    status VARCHAR,          -- done | failed
+    cached BOOLEAN,          -- true when the artifact already existed
+    seconds DOUBLE,
+    error VARCHAR,
+    finished TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    model VARCHAR,
+    recipe VARCHAR,
+    stage VARCHAR,
+    task VARCHAR,
+    metric VARCHAR,
+    value DOUBLE,
+    stderr DOUBLE,
+    n BIGINT,
+    artifact_key VARCHAR,
+    run_id VARCHAR,          -- the run that first recorded the row
+    recorded TIMESTAMPTZ,
+    PRIMARY KEY (model, recipe, stage, artifact_key, task, metric)
+);
+"""
+
+
+class MetricStore:
+    def __init__(self, path: Path | str, lock_timeout: float = 60.0):
+        self.path = Path(path)
+        self.lock_timeout = lock_timeout
+
+    @contextmanager
+    def connect(self, read_only: bool = False):
+        if read_only and not self.path.exists():
+            raise FileNotFoundError(f"no metric history at {self.path}: run a sweep first")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            try:
+                con = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except duckdb.IOException as e:
+                if "lock" not in str(e).lower() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        try:
+            if not read_only:
+                con.execute(SCHEMA)
+            yield con
+        finally:
+            con.close()
+
+    def start_run(self, run_id: str, sweep: str, sweep_file: str, sweep_digest: str, host: str, tools: dict, cells: list):
+        with self.connect() as con:
+            con.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, now(), NULL, 'running')",
+                [run_id, sweep, sweep_file, sweep_digest, host, json.dumps(tools), json.dumps(cells)],
+            )
+
+    def finish_run(self, run_id: str, status: str):
+        with self.connect() as con:
+            con.execute("UPDATE runs SET finished = now(), status = ? WHERE run_id = ?", [status, run_id])
+
+    def record_stage(self, run_id, model, recipe, stage, key, status, cached, seconds, error=None):
+        with self.connect() as con:
+            con.execute(
+                "INSERT INTO stages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+                [run_id, model, recipe, stage, key, status, cached, seconds, error],
+            )
+
+    def record_metrics(self, run_id, model, recipe, stage, artifact_key, rows: list[dict]):
+        """Insert metric rows; rows already recorded for this artifact stay as they are."""
+        if not rows:
+            return
+        with self.connect() as con:
+            con.executemany(
+                "INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now()) ON CONFLICT DO NOTHING",
+                [[model, recipe, stage, r["task"], r["metric"], r["value"], r.get("stderr"), r.get("n"), artifact_key, run_id]
+                 for r in rows],
+            )
+
+    def query(self, sql: str, params=None) -> tuple[list[str], list[tuple]]:
+        with self.connect(read_only=True) as con:
+            cur = con.execute(sql, params or [])
+            columns = [d[0] for d in cur.description] if cur.description else []
+            return columns, cur.fetchall()

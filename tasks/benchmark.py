@@ -1,0 +1,294 @@
+"""Benchmark stage: run lm-eval tasks on an MLX model directory.
+
+`MLXLM` adapts an mlx-lm model to lm-eval's LM interface. It subclasses lm-eval's
+TemplateLM so that context/continuation tokenisation (trailing-space handling, the
+empty-context prefix token) is lm-eval's own code, exactly as HFLM does it.
+"""
+
+import functools
+import json
+from collections import defaultdict
+from importlib.metadata import version
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from lm_eval.api.model import TemplateLM
+from prefect import task
+
+from storage.artifacts import ArtifactRef, Store
+from tasks.stage import artifact_cache
+
+CODE_VERSION = "1"
+LOCAL_TASKS = Path(__file__).parent / "data" / "lm_eval"
+
+DEFAULTS = {"tasks": [], "limit": None, "num_fewshot": 0, "chat_template": False, "seed": 0, "batch_size": 16}
+# Mean metrics (acc, acc_norm) get a closed-form stderr; this only drives the
+# bootstrapped ones (perplexity, f1, ...), whose resampling is seeded by lm-eval.
+BOOTSTRAP_ITERS = 1000
+# Top-level fields of lm-eval's results that change with the clock, machine or
+# checkout, not with the inputs.
+VOLATILE_KEYS = {"date", "start_time", "end_time", "total_evaluation_time_seconds",
+                 "git_hash", "upper_git_hash", "pretty_env_info"}
+
+
+class MLXLM(TemplateLM):
+    backend = "causal"
+
+    def __init__(self, model_dir: Path, batch_size: int = 16, max_length: int | None = None):
+        from mlx_lm import load
+
+        super().__init__()
+        self.model_dir = Path(model_dir)
+        self.model, self.tokenizer = load(str(self.model_dir))
+        self.batch_size = batch_size
+        config = json.loads((self.model_dir / "config.json").read_text())
+        self._max_length = max_length or _context_length(config)
+
+    # ---- tokenisation, as lm-eval's HFLM does it
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        # A chat-templated prompt already starts with BOS; do not add a second one.
+        if add_special_tokens is None and string.startswith(self.tokenizer.decode([self.prefix_token_id])):
+            kw["add_special_tokens"] = False
+        return self.tokenizer.encode(string, **kw)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.tokenizer.name_or_path).replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt)
+
+    # ---- scoring
+    def _loglikelihood_tokens(self, requests, **kwargs) -> list[tuple[float, bool]]:
+        """requests: [((context, continuation), context_tokens, continuation_tokens)]."""
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        by_context = defaultdict(list)
+        for i, (_, ctx, cont) in enumerate(requests):
+            if not cont:
+                results[i] = (0.0, True)
+            else:
+                by_context[tuple(ctx)].append(i)
+
+        # A row is one model input, (context + continuation)[:-1]. Continuations of a
+        # context share a row when one input is a prefix of another: single-token
+        # answers (" A", " B", ...) then cost one row, not one each.
+        groups = []  # (rows, [(request, row, first scored position, targets)])
+        for ctx, idx in by_context.items():
+            rows, slots = [], []
+            for i in sorted(idx, key=lambda i: (-len(requests[i][2]), i)):
+                cont = requests[i][2]
+                if len(cont) > self.max_length:
+                    raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length {self.max_length}")
+                inp = (list(ctx) + cont)[-(self.max_length + 1):][:-1]
+                r = next((r for r, row in enumerate(rows) if row[:len(inp)] == inp), None)
+                if r is None:
+                    rows.append(inp)
+                    r = len(rows) - 1
+                slots.append((i, r, len(inp) - len(cont), cont))
+            groups.append((rows, slots))
+
+        # Longest first (similar lengths batch together, memory peaks early); a
+        # context's rows stay in one batch unless they alone exceed batch_size.
+        groups.sort(key=lambda g: -len(g[0][0]))
+        batch, batch_slots = [], []
+        for rows, slots in groups:
+            if batch and len(batch) + len(rows) > self.batch_size:
+                self._score_batch(batch, batch_slots, results)
+                batch, batch_slots = [], []
+            for r, row in enumerate(rows):
+                if len(batch) == self.batch_size:
+                    self._score_batch(batch, batch_slots, results)
+                    batch, batch_slots = [], []
+                batch.append(row)
+                batch_slots += [(i, len(batch) - 1, pos, cont) for i, rr, pos, cont in slots if rr == r]
+        if batch:
+            self._score_batch(batch, batch_slots, results)
+        return results
+
+    def _score_batch(self, rows, slots, results) -> None:
+        """One right-padded forward pass; gather the log-probs of every scored token."""
+        tokens = np.zeros((len(rows), max(map(len, rows))), dtype=np.int32)
+        for b, row in enumerate(rows):
+            tokens[b, :len(row)] = row
+        b_idx = np.concatenate([np.full(len(c), b) for _, b, _, c in slots])
+        p_idx = np.concatenate([np.arange(pos, pos + len(c)) for _, _, pos, c in slots])
+        targets = mx.array(np.concatenate([c for *_, c in slots]).astype(np.int32))
+
+        logits = self.model(mx.array(tokens))
+        picked = logits[mx.array(b_idx), mx.array(p_idx)].astype(mx.float32)
+        logprobs = mx.take_along_axis(picked, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(picked, axis=-1)
+        greedy = mx.argmax(picked, axis=-1) == targets
+        mx.eval(logprobs, greedy)
+        logprobs, greedy = np.array(logprobs, dtype=np.float64), np.array(greedy)
+
+        start = 0
+        for i, _, _, cont in slots:
+            end = start + len(cont)
+            results[i] = (float(logprobs[start:end].sum()), bool(greedy[start:end].all()))
+            start = end
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        windows, owner = [], []
+        for n, (text,) in enumerate(req.args for req in requests):
+            # The prefix token conditions the first window, so no BOS from the tokenizer.
+            tokens = self.tok_encode(text, add_special_tokens=False)
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=tokens, prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append(((text, ""), ctx, cont))
+                owner.append(n)
+        totals = [0.0] * len(requests)
+        for n, (logprob, _) in zip(owner, self._loglikelihood_tokens(windows)):
+            totals[n] += logprob
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from mlx_lm import stream_generate
+
+        outputs = []
+        for req in requests:
+            context, gen_kwargs = req.args
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_gen = int(gen_kwargs.get("max_gen_toks", 256))
+            prompt = self.tok_encode(context)[-max(1, self.max_length - max_gen):]
+            text = ""
+            # The default sampler is argmax: greedy whatever the task asks. EOS stops it too.
+            for response in stream_generate(self.model, self.tokenizer, prompt, max_tokens=max_gen):
+                text += response.text
+                if any(u in text for u in until):
+                    break
+            for u in until:
+                text = text.split(u, 1)[0]
+            outputs.append(text)
+        return outputs
+
+
+def _context_length(config: dict) -> int:
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length"):
+        value = config.get(key) or config.get("text_config", {}).get(key)
+        if value:
+            return int(value)
+    return 2048
+
+
+@functools.cache
+def _task_manager(include_defaults: bool):
+    # Indexing lm-eval's ~10k built-in task YAMLs takes seconds; skip it when the
+    # local tasks suffice, and build each kind once per process.
+    from lm_eval.tasks import TaskManager
+    return TaskManager(include_path=str(LOCAL_TASKS), include_defaults=include_defaults)
+
+
+def task_manager_for(tasks: list[str]):
+    local = _task_manager(False)
+    return local if all(t in local.all_tasks for t in tasks) else _task_manager(True)
+
+
+def benchmark(model_dir: Path, params: dict, out: Path) -> list[dict]:
+    """Run lm-eval on the model in model_dir; write out/results.json; return metric rows."""
+    import lm_eval
+
+    p = {**DEFAULTS, **params}
+    tasks, seed, chat = list(p["tasks"]), int(p["seed"]), bool(p["chat_template"])
+    lm = MLXLM(Path(model_dir), batch_size=int(p["batch_size"]))
+    if chat and not lm.tokenizer.has_chat_template:
+        raise ValueError(f"chat_template=True but the tokenizer in {model_dir} has no chat template")
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=tasks, task_manager=task_manager_for(tasks),
+        limit=p["limit"], num_fewshot=int(p["num_fewshot"]),
+        apply_chat_template=chat, fewshot_as_multiturn=chat,
+        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS)
+
+    quantization = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization")
+    results["config"].update({
+        "model": "MLXLM", "code_version": CODE_VERSION, "params": p, "batch_size": lm.batch_size,
+        "apply_chat_template": chat,
+        "chat_template": lm.chat_template(True) if chat else None,
+        "quantization": quantization,
+        "library_versions": {name: version(name) for name in ("mlx", "mlx-lm", "lm_eval", "transformers")},
+    })
+    for config in results.get("configs", {}).values():
+        meta = config.get("metadata") or {}
+        if "config_source" in meta:
+            meta["config_source"] = _portable_path(meta["config_source"])
+    results = {k: v for k, v in results.items() if k not in VOLATILE_KEYS}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=_json_default) + "\n")
+    return metric_rows(results)
+
+
+def metric_rows(results: dict) -> list[dict]:
+    """One row per (task, metric) for each numeric metric; lm-eval keys them 'metric,filter'."""
+    samples, subtasks = results.get("n-samples", {}), results.get("group_subtasks", {})
+
+    def size(task: str) -> int:  # a group's size is that of its (nested) subtasks
+        if task in samples:
+            return samples[task]["effective"]
+        return sum(size(t) for t in subtasks.get(task, []))
+
+    rows = []
+    for task, metrics in results["results"].items():
+        n = size(task)
+        for key, value in metrics.items():
+            name, sep, flt = key.partition(",")
+            if not sep or "_stderr" in name or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            stderr = metrics.get(f"{name}_stderr,{flt}")
+            rows.append({
+                "task": task,
+                "metric": name if flt == "none" else key,
+                "value": float(value),
+                "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                "n": int(n),
+            })
+    return sorted(rows, key=lambda r: (r["task"], r["metric"]))
+
+
+def _portable_path(path: str) -> str:
+    """A task YAML's path relative to its task root, so results.json does not depend on the checkout."""
+    import lm_eval.tasks
+
+    for prefix, root in (("qsweep", LOCAL_TASKS), ("lm_eval", Path(lm_eval.tasks.__file__).parent)):
+        try:
+            return f"{prefix}:{Path(path).resolve().relative_to(root.resolve()).as_posix()}"
+        except ValueError:
+            continue
+    return path
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} in lm-eval results is not JSON-serialisable")
+
+
+@task(name="benchmark", cache_policy=artifact_cache("benchmark", CODE_VERSION), persist_result=True)
+def benchmark_task(store: str, params: dict, inputs: list[ArtifactRef]) -> ArtifactRef:
+    s = Store(store)
+    model_dir = s.path(inputs[0])
+    return s.produce("benchmark", CODE_VERSION, params, inputs,
+                     lambda out: {"metrics": benchmark(model_dir, params, out)})

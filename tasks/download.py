@@ -1,0 +1,200 @@
+"""Download stage: turn a sweep's model source into model files in a directory.
+
+Accepted sources:
+    hf://org/name[@revision]      a Hugging Face Hub repo, pinned to a full commit sha
+    demo://tiny-llama[?seed=N]    the embedded random-init llama (tasks.demo_model)
+    /abs, rel/path, file:///abs   a local directory in HF layout
+
+`resolve_source` is cheap (no weight download) and returns the parameters that
+identify the content, which go into the stage's cache key; `download` then
+materialises exactly those files as plain files.
+"""
+
+import fnmatch
+import re
+import shutil
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from prefect import task
+
+from storage.artifacts import ArtifactRef, Store, digest_files, file_sha256
+from tasks.stage import artifact_cache
+
+CODE_VERSION = "1"
+
+# What mlx-lm needs to load a model and its tokenizer, and nothing else (no .bin/.pth/.gguf/onnx, no README).
+WEIGHTS = "model*.safetensors"  # mlx_lm.load globs this; it skips e.g. Mistral's duplicate consolidated.safetensors
+MODEL_FILES = [
+    "config.json", "generation_config.json", WEIGHTS, "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "tiktoken.model", "*.tiktoken", "vocab.json", "vocab.txt", "merges.txt",
+    "chat_template.jinja", "chat_template.json", "LICENSE*",
+]
+# Model files live at the repo root; subfolders hold other formats (original/, onnx/, gguf/...).
+HF_IGNORE = ["*/*"]
+
+ACCEPTED = ('"hf://org/name[@revision]", "demo://tiny-llama[?seed=N]", '
+            "or a local directory with config.json and model*.safetensors")
+DEMO_NAME = "tiny-llama"
+HF_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+FULL_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+class SourceError(ValueError):
+    """A model source that cannot be used; the message names it and what is accepted."""
+
+
+def _bad(source, why: str) -> SourceError:
+    return SourceError(f"model source {source!r}: {why}. Accepted: {ACCEPTED}")
+
+
+def resolve_source(source: str) -> dict:
+    """Canonical, content-identifying parameters of a model source (see module doc)."""
+    if not isinstance(source, str) or not source.strip():
+        raise _bad(source, "empty")
+    scheme = source.split("://", 1)[0].lower() if "://" in source else ""
+    if scheme == "hf":
+        return _resolve_hf(source)
+    if scheme == "demo":
+        return _resolve_demo(source)
+    if scheme in ("", "file"):
+        return _resolve_local(source)
+    raise _bad(source, f"unknown scheme {scheme + '://'!r}")
+
+
+def _resolve_hf(source: str) -> dict:
+    repo, at, revision = source[len("hf://"):].partition("@")
+    if not HF_REPO.fullmatch(repo) or (at and not revision):
+        raise _bad(source, "not a Hub model id of the form org/name[@revision]")
+    revision = revision or "main"
+    if not FULL_SHA.fullmatch(revision):  # a branch, tag or short sha can move or be ambiguous: pin it
+        from huggingface_hub import HfApi
+
+        revision = _hub_call(source, lambda: HfApi().model_info(repo, revision=revision).sha)
+    return {"kind": "hf", "repo": repo, "revision": revision}
+
+
+def _resolve_demo(source: str) -> dict:
+    url = urlsplit(source)
+    params = parse_qs(url.query, keep_blank_values=True)
+    seed = params.pop("seed", ["0"])
+    if (url.netloc != DEMO_NAME or url.path not in ("", "/") or url.fragment or params
+            or len(seed) != 1 or not (seed[0].isascii() and seed[0].isdigit())):
+        raise _bad(source, f"the embedded model is demo://{DEMO_NAME}, optionally with ?seed=N (N >= 0)")
+    return {"kind": "demo", "name": DEMO_NAME, "seed": int(seed[0])}
+
+
+def _resolve_local(source: str) -> dict:
+    if "://" in source:
+        url = urlsplit(source)
+        if url.netloc not in ("", "localhost"):
+            raise _bad(source, "file:// URLs must name a local path (file:///abs/path)")
+        path = Path(unquote(url.path))
+    else:
+        path = Path(source).expanduser()
+    if not path.is_dir():
+        raise _bad(source, "not an existing directory")
+    names = _model_files(path)
+    if not _is_complete(names):
+        raise _bad(source, "the directory lacks config.json or model*.safetensors")
+    path = path.resolve()
+    return {"kind": "local", "path": str(path), "content": digest_files(_file_info(path, names))}
+
+
+def download(resolved: dict, out: Path) -> dict:
+    """Write the model files of a resolved source into `out` (empty); return what was written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    kind = resolved.get("kind")
+    if kind == "hf":
+        _download_hf(resolved["repo"], resolved["revision"], out)
+    elif kind == "local":
+        src = Path(resolved["path"])
+        for name in _model_files(src):
+            shutil.copyfile(src / name, out / name)  # follows symlinks, e.g. into an HF cache
+    elif kind == "demo":
+        from tasks.demo_model import make_demo_model
+
+        make_demo_model(out, seed=resolved["seed"])
+    else:
+        raise SourceError(f"unknown resolved source kind {kind!r}; expected hf, demo or local")
+
+    files = _file_info(out, _model_files(out))
+    if not _is_complete(files):
+        raise SourceError(f"{_describe(resolved)} has no config.json or {WEIGHTS} at its top level")
+    # The cache key holds the digest taken at resolve time; refuse to file different content under it.
+    if kind == "local" and digest_files(files) != resolved["content"]:
+        raise SourceError(f"{_describe(resolved)} changed since it was resolved; resolve it again")
+    info = {"source_kind": kind, "files": files, "bytes": sum(f["bytes"] for f in files.values())}
+    if kind == "hf":
+        info.update(repo=resolved["repo"], revision=resolved["revision"])
+    return info
+
+
+def _download_hf(repo: str, revision: str, out: Path) -> None:
+    from huggingface_hub import snapshot_download
+
+    # Straight into `out`: local_dir mode writes plain files, so there is no second copy of the weights.
+    _hub_call(f"hf://{repo}@{revision}", lambda: snapshot_download(
+        repo, revision=revision, allow_patterns=MODEL_FILES, ignore_patterns=HF_IGNORE, local_dir=out))
+    shutil.rmtree(out / ".cache", ignore_errors=True)  # huggingface_hub's resume metadata
+
+
+def _hub_call(source: str, call):
+    """Run a Hub call, turning its errors into SourceError. The token is never part of the message."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    cause = None
+    try:
+        return call()
+    except RevisionNotFoundError:
+        why = "revision not found in the Hub repo"
+    except RepositoryNotFoundError:
+        why = "repository not found on the Hub (a private or gated repo needs a token: HF_TOKEN or `hf auth login`)"
+    except Exception as e:  # unreachable, offline mode, Hub 5xx: the transport's error types vary by hub version
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        why, cause = f"Hub request to {constants.ENDPOINT} failed: {type(e).__name__}: {first_line}", e
+    raise SourceError(redact(f"model source {source!r}: {why}")) from cause
+
+
+def redact(text: str) -> str:
+    """The text with the hub token, if any, replaced by ***: for every message that leaves a stage."""
+    from huggingface_hub import get_token
+
+    token = get_token()
+    return text.replace(token, "***") if token else text
+
+
+def _describe(resolved: dict) -> str:
+    if resolved["kind"] == "hf":
+        return f"hf://{resolved['repo']}@{resolved['revision']}"
+    if resolved["kind"] == "demo":
+        return f"demo://{resolved['name']}?seed={resolved['seed']}"
+    return f"local model directory {resolved['path']}"
+
+
+def _model_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()
+                  if p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in MODEL_FILES))
+
+
+def _is_complete(names) -> bool:
+    return "config.json" in names and any(fnmatch.fnmatchcase(n, WEIGHTS) for n in names)
+
+
+def _file_info(directory: Path, names: list[str]) -> dict:
+    return {name: {"sha256": file_sha256(directory / name), "bytes": (directory / name).stat().st_size}
+            for name in names}
+
+
+def key_params(resolved: dict) -> dict:
+    """What identifies the content: a local model's digest counts, not where it lies."""
+    return {k: v for k, v in resolved.items() if k != "path"}
+
+
+@task(name="download", cache_policy=artifact_cache("download", CODE_VERSION), persist_result=True,
+      retries=2, retry_delay_seconds=10)
+def download_task(store: str, params: dict, inputs: list[ArtifactRef], resolved: dict) -> ArtifactRef:
+    return Store(store).produce("download", CODE_VERSION, params, inputs, lambda out: download(resolved, out))

@@ -1,0 +1,148 @@
+"""publish: quantized model + its metrics -> model card, local export, hub upload.
+
+The card is the artifact (deterministic from its inputs). The export folder
+(model files + card) is always written; the upload happens only when the sweep
+names a hub repo and a token is present. The token is read by huggingface_hub
+itself and never passes through our code, logs or files.
+"""
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from prefect import task
+
+from storage.artifacts import MANIFEST, ArtifactRef, Store
+from storage.keys import tool_versions
+from tasks.download import redact
+from tasks.stage import artifact_cache
+
+CODE_VERSION = "1"
+
+
+class PublishError(RuntimeError):
+    pass
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def _layer_summary(layers: dict, defaults: dict) -> list[str]:
+    by_bits = Counter((v["bits"], v["group_size"], v["mode"]) for v in layers.values())
+    lines = []
+    if defaults.get("bits"):
+        lines.append(f"- default: {defaults['bits']}-bit {defaults.get('mode', 'affine')}, group size {defaults['group_size']}")
+    for (bits, gs, mode), count in sorted(by_bits.items(), reverse=True):
+        examples = sorted({".".join(p for p in k.split(".") if not p.isdigit()) for k, v in layers.items()
+                           if (v["bits"], v["group_size"], v["mode"]) == (bits, gs, mode)})
+        lines.append(f"- {bits}-bit {mode}, group size {gs}: {count} modules ({', '.join(examples)})")
+    return lines or ["- no quantization"]
+
+
+def model_card(params: dict, quantized: dict, smoke: dict, benchmark: dict) -> str:
+    metric = {r["metric"]: r["value"] for r in quantized["info"]["metrics"]}
+    source = params["source"]
+    base = f"{source['repo']}" if source.get("kind") == "hf" else None
+    tags = ["mlx", "qsweep", "quantized" if quantized["info"]["defaults"] else "bf16", params["recipe"]["name"]]
+    front = ["---", "library_name: mlx", "pipeline_tag: text-generation"]
+    if base:
+        front += [f"base_model: {base}", "base_model_relation: quantized"]
+    if params.get("license"):
+        front.append(f"license: {params['license']}")
+    front += ["tags:"] + [f"- {t}" for t in tags] + ["---", ""]
+
+    name = f"{params['model']}-{params['recipe']['name']}-mlx"
+    where = (f"[{base}](https://huggingface.co/{base}) at revision `{source['revision']}`" if base
+             else f"`{params['model']}` ({source.get('kind')} source, content digest `{quantized['inputs'][0]['digest'][:12]}`)")
+    recipe = params["recipe"]
+    lines = front + [
+        f"# {name}", "",
+        f"This model was quantized from {where} with the qsweep recipe **{recipe['name']}**"
+        + (f": {params['recipe_description']}." if params.get("recipe_description") else "."), "",
+        "| | |", "|---|---|",
+        f"| bits per weight | {metric['bits_per_weight']:.2f} |",
+        f"| size on disk | {_size(metric['disk_bytes'])} |",
+        f"| weights dtype | {recipe['dtype']} |", "",
+        "Quantization plan:", *_layer_summary(quantized["info"]["layers"], quantized["info"]["defaults"]), "",
+    ]
+
+    results = benchmark["results"]
+    run = benchmark["config"]["params"]
+    lines += ["## Benchmarks", "",
+              f"lm-eval {benchmark['lm_eval_version']}, {run['num_fewshot']}-shot, limit {run['limit']}, "
+              f"chat template {'on' if benchmark['config']['apply_chat_template'] else 'off'}.", "",
+              "| task | acc | acc_norm | n |", "|---|---|---|---|"]
+    for task_name, r in sorted(results.items()):
+        def cell(m):
+            v, e = r.get(f"{m},none"), r.get(f"{m}_stderr,none")
+            return "" if v is None else f"{v:.3f}" + (f" ± {e:.3f}" if isinstance(e, (int, float)) else "")
+        lines.append(f"| {task_name} | {cell('acc')} | {cell('acc_norm')} | {benchmark['n-samples'].get(task_name, {}).get('effective', '')} |")
+
+    answer = smoke["text"].strip().replace("\n", " ")
+    lines += ["", "## Smoke test", "", f"Prompt: {smoke['prompt']}", "",
+              f"Answer ({smoke['verdict']}): {answer[:300]}", "",
+              "## Use with mlx", "", "```python", "from mlx_lm import load, generate", "",
+              f'model, tokenizer = load("{params.get("repo_id") or name}")',
+              'messages = [{"role": "user", "content": "hello"}]',
+              "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)",
+              "print(generate(model, tokenizer, prompt=prompt, max_tokens=100))", "```", "",
+              "Made with qsweep: " + ", ".join(f"{k} {v}" for k, v in tool_versions().items()) + ".", ""]
+    return "\n".join(lines)
+
+
+def export(model_dir: Path, card: str, dest: Path) -> None:
+    """Model files plus the card into `dest`, replacing what was there, atomically."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name not in (MANIFEST, "README.md"):
+            shutil.copyfile(f, tmp / f.name)
+    (tmp / "README.md").write_text(card)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+
+
+def upload(folder: Path, repo_id: str, private: bool) -> str:
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="qsweep publish")
+        return str(getattr(info, "commit_url", info))
+    except Exception as e:  # never re-raise the hub's own exception: its text may carry request headers
+        raise PublishError(redact(f"upload to hub repo {repo_id!r} failed: {type(e).__name__}: {e}")) from None
+
+
+def publish(store: Store, params: dict, inputs: list[ArtifactRef], dest: Path, out: Path) -> dict:
+    quantized, smoke, benchmark = inputs
+    card = model_card(
+        params,
+        store.manifest(quantized),
+        json.loads((store.path(smoke) / "smoke.json").read_text()),
+        json.loads((store.path(benchmark) / "results.json").read_text()),
+    )
+    (out / "README.md").write_text(card)
+    export(store.path(quantized), card, dest)
+    info = {"exported_to": str(dest), "uploaded": None}
+    if params.get("repo_id"):
+        from huggingface_hub import get_token
+
+        if get_token():
+            info["uploaded"] = upload(dest, params["repo_id"], params.get("private", True))
+        else:
+            info["note"] = "no hub token (HF_TOKEN or `hf auth login`): exported locally only"
+    return info
+
+
+@task(name="publish", cache_policy=artifact_cache("publish", CODE_VERSION), persist_result=True)
+def publish_task(store: str, params: dict, inputs: list[ArtifactRef], dest: str) -> ArtifactRef:
+    s = Store(store)
+    return s.produce("publish", CODE_VERSION, params, inputs, lambda out: publish(s, params, inputs, Path(dest), out))

@@ -1,0 +1,157 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from lm_eval.api.instance import Instance
+
+from tasks.benchmark import LOCAL_TASKS, MLXLM, benchmark
+
+DEMO = {"tasks": ["qsweep_demo_mc"], "limit": 6, "batch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory, request):
+    """benchmark() twice without and once with the chat template, from an unrelated CWD."""
+    cwd = tmp_path_factory.mktemp("elsewhere")
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        out = {name: tmp_path_factory.mktemp(name) for name in ("plain1", "plain2", "chat")}
+        rows = {
+            "plain1": benchmark(tiny_model, DEMO, out["plain1"]),
+            "plain2": benchmark(tiny_model, DEMO, out["plain2"]),
+            "chat": benchmark(tiny_model, {**DEMO, "chat_template": True}, out["chat"]),
+        }
+    finally:
+        os.chdir(old)
+    return rows, {k: v / "results.json" for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    return MLXLM(tiny_model, batch_size=2)
+
+
+def test_demo_task_rows(runs):
+    rows, files = runs
+    by_metric = {r["metric"]: r for r in rows["plain1"]}
+    assert {"acc", "acc_norm"} <= set(by_metric)
+    assert [(r["task"], r["metric"]) for r in rows["plain1"]] == sorted((r["task"], r["metric"]) for r in rows["plain1"])
+    for r in by_metric.values():
+        assert r["task"] == "qsweep_demo_mc"
+        assert 0.0 <= r["value"] <= 1.0
+        assert isinstance(r["stderr"], float)
+        assert r["n"] == DEMO["limit"]
+    results = json.loads(files["plain1"].read_text())
+    assert results["n-samples"]["qsweep_demo_mc"] == {"effective": 6, "original": 40}
+    assert results["config"]["params"]["tasks"] == ["qsweep_demo_mc"]
+
+
+def test_results_are_deterministic(runs):
+    rows, files = runs
+    assert rows["plain1"] == rows["plain2"]
+    assert files["plain1"].read_bytes() == files["plain2"].read_bytes()
+
+
+def test_chat_template_recorded(runs):
+    _, files = runs
+    plain = json.loads(files["plain1"].read_text())["config"]
+    chat = json.loads(files["chat"].read_text())["config"]
+    assert plain["apply_chat_template"] is False and plain["chat_template"] is None
+    assert chat["apply_chat_template"] is True and "<|im_start|>" in chat["chat_template"]
+
+
+def naive_loglikelihood(lm, context, continuation):
+    """One full forward per request, tokenised the way lm-eval's HFLM does."""
+    tok = lm.tokenizer
+    if context:
+        n_spaces = len(context) - len(context.rstrip())
+        context, continuation = context[: len(context) - n_spaces], context[len(context) - n_spaces:] + continuation
+        ctx = tok.encode(context)
+        cont = tok.encode(context + continuation)[len(ctx):]
+    else:
+        ctx, cont = [lm.prefix_token_id], tok.encode(continuation, add_special_tokens=False)
+    return naive_tokens(lm, ctx, cont)
+
+
+def naive_tokens(lm, ctx, cont):
+    seq = ctx + cont
+    logprobs = nn.log_softmax(lm.model(mx.array(seq)[None])[0].astype(mx.float32), axis=-1)
+    scored = logprobs[len(ctx) - 1: len(seq) - 1]
+    target = mx.array(cont)
+    total = mx.take_along_axis(scored, target[:, None], axis=-1).sum().item()
+    return total, bool(mx.all(mx.argmax(scored, axis=-1) == target).item())
+
+
+def test_batched_loglikelihood_matches_naive(lm):
+    pairs = [
+        ("The sun rises in the", " east"),
+        ("The sun rises in the", " west and sets in the east"),  # shares a row with " east"
+        ("The sun rises in the", " north"),
+        ("", "Water boils at one hundred degrees."),
+        ("A cat is an animal with ", "four legs"),  # trailing space moves to the continuation
+        ("Question: What is two plus two?\nAnswer:", " four"),
+        ("Question: What is two plus two?\nAnswer:", " five"),
+        ("x", " y"),
+    ]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
+    for pair, (logprob, greedy) in zip(pairs, got):
+        want_logprob, want_greedy = naive_loglikelihood(lm, *pair)
+        assert logprob == pytest.approx(want_logprob, abs=1e-4), pair
+        assert greedy == want_greedy, pair
+
+
+def test_greedy_flag(lm):
+    ctx = lm.tok_encode("The moon goes around the")
+    greedy = []
+    for _ in range(2):
+        greedy.append(mx.argmax(lm.model(mx.array(ctx + greedy)[None])[0, -1]).item())
+    other = [(greedy[0] + 1) % 512]
+    got = lm._loglikelihood_tokens([(("", ""), ctx, greedy), (("", ""), ctx, other), (("", ""), ctx, [])])
+    assert got[0][1] is True and got[1][1] is False and got[2] == (0.0, True)
+    assert got[0][0] == pytest.approx(naive_tokens(lm, ctx, greedy)[0], abs=1e-4)
+
+
+def test_loglikelihood_rolling(lm, tiny_model):
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    text = (Path(LOCAL_TASKS).parent / "corpus.txt").read_text()[:400]
+    [whole] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    assert whole == pytest.approx(naive_loglikelihood(lm, "", text)[0], abs=1e-3)
+
+    short = MLXLM(tiny_model, batch_size=4, max_length=16)
+    [windowed] = short.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    tokens = lm.tok_encode(text, add_special_tokens=False)
+    windows = map(make_disjoint_window, get_rolling_token_windows(tokens, lm.prefix_token_id, 16, 1))
+    assert windowed == pytest.approx(sum(naive_tokens(lm, c, k)[0] for c, k in windows), abs=1e-3)
+
+
+def test_generate_until(lm):
+    from mlx_lm import generate
+
+    prompt = "The sun rises in the"
+    reference = generate(lm.model, lm.tokenizer, lm.tok_encode(prompt), max_tokens=12)
+    stop = reference[len(reference) // 2:][:2]
+    [text] = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": [stop], "max_gen_toks": 12}), 0)])
+    assert text == reference.split(stop, 1)[0] and text
+    [whole] = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": [], "max_gen_toks": 12}), 0)])
+    assert whole == reference
+
+
+def test_demo_task_loads_offline_from_any_cwd(tmp_path):
+    code = (
+        "from lm_eval.tasks import TaskManager\n"
+        f"tm = TaskManager(include_path={str(LOCAL_TASKS)!r}, include_defaults=False)\n"
+        "task = tm.load(['qsweep_demo_mc'])['tasks']['qsweep_demo_mc']\n"
+        "print(len(task.test_docs()), len(task.fewshot_docs()))\n"
+    )
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["40", "5"]
