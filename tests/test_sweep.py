@@ -1,0 +1,170 @@
+"""End to end: the `qsweep` command on generated models, as a user runs it.
+
+Real Prefect (ephemeral), mlx, mlx-lm, lm-eval and DuckDB, each run in its own
+process, like a user at a terminal.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+
+RECIPES = ["bf16", "q4", "qx86-hi"]
+VOLATILE = ("generation_tokens_per_s", "prompt_tokens_per_s", "peak_memory_gb")
+
+
+def write_sweep(path: Path, models: dict, recipes=RECIPES, **extra) -> Path:
+    sweep = {
+        "name": "test",
+        "models": [{"name": n, "source": str(s)} for n, s in models.items()],
+        "recipes": recipes,
+        "smoke": {"max_tokens": 16},
+        "benchmark": {"tasks": ["qsweep_demo_mc"], "limit": 8},
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def qsweep(store: Path, *args, prefect_home: Path, env=None, wait=True):
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home), **(env or {})}
+    cmd = [sys.executable, "-m", "flows.cli", "--store", str(store), *map(str, args)]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def rows(store: Path, sql: str):
+    with duckdb.connect(str(store / "metrics.duckdb"), read_only=True) as con:
+        return con.execute(sql).fetchall()
+
+
+def stages_of_last_run(store: Path):
+    return rows(store, """SELECT model, recipe, stage, status, cached FROM stages
+                          WHERE run_id = (SELECT run_id FROM runs ORDER BY started DESC LIMIT 1)""")
+
+
+def stable_metrics(store: Path):
+    return sorted(rows(store, f"""SELECT model, recipe, stage, task, metric, value FROM metrics
+                                  WHERE metric NOT IN {VOLATILE}"""))
+
+
+def artifact_dirs(store: Path):
+    return sorted(p for p in (store / "artifacts").glob("*/*") if not p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model, tmp_path_factory):
+    """One sweep run twice on a clean store: (store, sweep file, first run, second run)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    sweep = write_sweep(tmp / "sweep.yaml", {"tiny": tiny_model})
+    store, home = tmp / "store", tmp / "prefect"
+    first = qsweep(store, "run", sweep, prefect_home=home)
+    first_stages = stages_of_last_run(store)
+    first_artifacts = artifact_dirs(store)
+    second = qsweep(store, "run", sweep, prefect_home=home)
+    return store, sweep, first, first_stages, first_artifacts, second
+
+
+def test_first_run_computes_every_cell_and_records_metrics(finished):
+    store, _, first, first_stages, _, _ = finished
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert len(first_stages) == len(RECIPES) * 5
+    assert all(status == "done" for *_, status, _ in first_stages)
+    # one base model: downloaded once, found in the store by the other cells
+    downloads = [cached for _, _, stage, _, cached in first_stages if stage == "download"]
+    assert sorted(downloads) == [False] + [True] * (len(RECIPES) - 1)
+    for recipe in RECIPES:
+        found = {m for (m,) in rows(store, f"SELECT metric FROM metrics WHERE recipe = '{recipe}' AND task = 'qsweep_demo_mc'")}
+        assert {"acc", "acc_norm"} <= found
+    assert (store / "published" / "tiny-q4-mlx" / "README.md").exists()
+
+
+def test_second_run_computes_nothing(finished):
+    store, _, _, _, first_artifacts, second = finished
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert all(cached for *_, cached in stages_of_last_run(store))
+    assert "Cached" in second.stdout + second.stderr  # what the Prefect UI shows for each stage
+    assert artifact_dirs(store) == first_artifacts
+    # metric rows written again are not duplicated
+    total, distinct = rows(store, "SELECT count(*), count(DISTINCT (model, recipe, stage, task, metric)) FROM metrics")[0]
+    assert total == distinct
+
+
+def test_wiping_prefect_database_recomputes_nothing(finished, tmp_path):
+    store, sweep, *_ = finished
+    result = qsweep(store, "run", sweep, prefect_home=tmp_path / "fresh-prefect-home")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(cached for *_, cached in stages_of_last_run(store))
+
+
+def test_sigkill_mid_stage_then_resume_gives_the_same_metrics(finished, tmp_path):
+    reference, sweep, *_ = finished
+    store = tmp_path / "store"
+    child = qsweep(store, "run", sweep, prefect_home=tmp_path / "prefect", wait=False)
+    benchmarks = store / "artifacts" / "benchmark"
+    deadline = time.monotonic() + 300
+    try:
+        # kill while the second benchmark is being written: one finished, one half-done
+        while time.monotonic() < deadline and child.poll() is None:
+            if benchmarks.is_dir():
+                names = [p.name for p in benchmarks.iterdir()]
+                if any(n.startswith(".tmp-") for n in names) and any(not n.startswith(".") for n in names):
+                    break
+            time.sleep(0.01)
+        assert child.poll() is None, "the sweep finished before it could be killed"
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+    done_before = {p.parent.name for p in artifact_dirs(store)}
+    assert "publish" not in done_before or len(artifact_dirs(store)) < len(artifact_dirs(reference))
+
+    resumed = qsweep(store, "run", sweep, prefect_home=tmp_path / "prefect")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    stages = stages_of_last_run(store)
+    assert any(cached for *_, cached in stages) and not all(cached for *_, cached in stages)
+    assert stable_metrics(store) == stable_metrics(reference)
+    assert not list(benchmarks.glob(".tmp-*"))
+
+
+def test_a_failing_cell_is_recorded_and_the_others_finish(tiny_model, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    sweep = write_sweep(tmp_path / "sweep.yaml", {"tiny": tiny_model, "broken": broken}, recipes=["q4"])
+    store = tmp_path / "store"
+    result = qsweep(store, "run", sweep, prefect_home=tmp_path / "prefect")
+    assert result.returncode != 0
+    stages = {(m, s): status for m, _, s, status, _ in stages_of_last_run(store)}
+    assert stages[("tiny", "publish")] == "done"
+    assert stages[("broken", "quantize")] == "failed"
+    assert ("broken", "smoke") not in stages
+    status = qsweep(store, "status", prefect_home=tmp_path / "prefect")
+    assert "broken/q4 quantize failed" in status.stdout
+    assert "pending" in status.stdout
+
+
+def test_hub_token_never_reaches_logs_store_or_card(tiny_model, tmp_path):
+    token = "hf_qsweepTESTsecret0123456789"
+    sweep = write_sweep(tmp_path / "sweep.yaml", {"tiny": tiny_model}, recipes=["q4"],
+                        publish={"repo": "someone/{model}-{recipe}-mlx"})
+    store = tmp_path / "store"
+    # a closed local port stands in for an unreachable hub: the upload fails fast
+    env = {"HF_TOKEN": token, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "0"}
+    result = qsweep(store, "run", sweep, prefect_home=tmp_path / "prefect", env=env)
+    assert result.returncode != 0  # the upload cannot succeed offline
+    assert token not in result.stdout + result.stderr
+    status = qsweep(store, "status", prefect_home=tmp_path / "prefect")
+    assert "publish failed" in status.stdout and token not in status.stdout
+    for path in store.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
