@@ -1,0 +1,79 @@
+import csv
+import io
+import json
+
+import pytest
+import yaml
+
+from flows.cli import main
+from storage.metrics import MetricStore
+from tasks.recipes import BUILTINS
+
+
+@pytest.fixture
+def store(tmp_path):
+    db = MetricStore(tmp_path / "metrics.duckdb")
+    db.start_run("r1", "demo", "sweeps/demo.yaml", "abc", "host", {"mlx": "x"}, [{"model": "m", "recipe": "q4"}])
+    db.record_metrics("r1", "m", "q4", "benchmark", "k1", [
+        {"task": "arc", "metric": "acc", "value": 0.5, "stderr": 0.1, "n": 10},
+        {"task": "arc", "metric": "acc_norm", "value": 0.6, "stderr": 0.1, "n": 10},
+    ])
+    db.record_stage("r1", "m", "q4", "download", "k0", "done", False, 1.0)
+    db.finish_run("r1", "completed")
+    return tmp_path
+
+
+def test_sql_formats(store, capsys):
+    query = "SELECT recipe, metric, value FROM metrics ORDER BY metric"
+    assert main(["--store", str(store), "sql", query]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["recipe", "metric", "value"] and table[2].split() == ["q4", "acc", "0.5"]
+
+    assert main(["--store", str(store), "sql", query, "--format", "csv"]) == 0
+    assert list(csv.reader(io.StringIO(capsys.readouterr().out)))[1:] == [["q4", "acc", "0.5"], ["q4", "acc_norm", "0.6"]]
+
+    assert main(["--store", str(store), "sql", query, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)[1] == {"recipe": "q4", "metric": "acc_norm", "value": 0.6}
+
+
+def test_sql_is_read_only(store, capsys):
+    assert main(["--store", str(store), "sql", "DELETE FROM metrics"]) == 2
+    assert "read-only" in capsys.readouterr().err.lower()
+    assert main(["--store", str(store), "sql", "SELECT count(*) AS n FROM metrics"]) == 0
+    assert capsys.readouterr().out.split()[-1] == "2"
+
+
+def test_status_shows_done_and_pending(store, capsys):
+    main(["--store", str(store), "status"])
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("m "))
+    assert line.split() == ["m", "q4", "done", "pending", "pending", "pending", "pending"]
+
+
+def test_status_and_sql_without_a_store_say_so(tmp_path, capsys):
+    assert main(["--store", str(tmp_path / "none"), "status"]) == 2
+    assert "run a sweep first" in capsys.readouterr().err
+
+
+def test_recipes_lists_every_builtin_with_bits_per_weight(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in BUILTINS:
+        assert any(line.split()[:1] == [name] and float(line.split()[1]) > 2 for line in out.splitlines()), name
+
+
+def test_run_refuses_bad_input_before_any_work(tmp_path, capsys):
+    sweep = tmp_path / "bad.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "x", "models": [{"name": "m", "source": str(tmp_path / "missing")}],
+                                     "recipes": ["q4", {"name": "odd", "bits": 7, "group_size": 48}]}))
+    assert main(["--store", str(tmp_path / "store"), "run", str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert "recipes[1]" in err and "allowed: 2, 3, 4, 5, 6, 8" in err
+    assert not (tmp_path / "store").exists()
+
+    sweep.write_text(yaml.safe_dump({"name": "x", "models": [{"name": "m", "source": str(tmp_path / "missing")}],
+                                     "recipes": ["q4"]}))
+    assert main(["--store", str(tmp_path / "store"), "run", str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert "models[0].source" in err and "hf://org/name" in err
+    assert not (tmp_path / "store").exists()
