@@ -49,8 +49,8 @@ def cell(store: str, run_id: str, model: str, recipe: str, source: dict, setting
     quantized = stage("quantize", quantize_task, settings["recipe"], [base])
     smoke = stage("smoke", smoke_task, settings["smoke"], [quantized])
     bench = stage("benchmark", benchmark_task, settings["benchmark"], [quantized])
-    published = stage("publish", publish_task, settings["publish"], [quantized, smoke, bench], dest=settings["export_to"])
-    return {"model": model, "recipe": recipe, "published": artifacts.manifest(published)["info"]}
+    card = stage("publish", publish_task, settings["publish"], [quantized, smoke, bench], dest=settings["export_to"])
+    return {"model": model, "recipe": recipe, "card": card.key, "exported_to": settings["export_to"]}
 
 
 def _error_text(state) -> str:

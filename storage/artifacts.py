@@ -97,7 +97,7 @@ class Store:
 
     def get(self, stage: str, key: str) -> ArtifactRef | None:
         """The verified artifact under this key, or None. A corrupt one is moved aside."""
-        if not (self.path(stage, key) / MANIFEST).exists():
+        if not self.path(stage, key).exists():  # a dir without its manifest is corrupt, not absent
             return None
         try:
             return self.verify(stage, key)

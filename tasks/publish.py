@@ -1,8 +1,9 @@
 """publish: quantized model + its metrics -> model card, local export, hub upload.
 
-The card is the artifact (deterministic from its inputs). The export folder
-(model files + card) is always written; the upload happens only when the sweep
-names a hub repo and a token is present. The token is read by huggingface_hub
+The card is the artifact (deterministic from its inputs). Delivering it, the
+export folder (model files + card) and the upload (only when the sweep names a
+hub repo and a token is present), happens whenever the export folder does not
+yet hold this card, or holds it but has not uploaded it while it now could. The token is read by huggingface_hub
 itself and never passes through our code, logs or files.
 """
 
@@ -11,7 +12,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 
 from storage.artifacts import MANIFEST, ArtifactRef, Store
 from storage.keys import tool_versions
@@ -19,6 +20,7 @@ from tasks.download import redact
 from tasks.stage import artifact_cache
 
 CODE_VERSION = "1"
+RECEIPT = ".qsweep-publish.json"  # in the export folder: which card it holds, where it was uploaded
 
 
 class PublishError(RuntimeError):
@@ -101,7 +103,7 @@ def export(model_dir: Path, card: str, dest: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for f in model_dir.iterdir():
-        if f.is_file() and f.name not in (MANIFEST, "README.md"):
+        if f.is_file() and f.name not in (MANIFEST, "README.md", RECEIPT):
             shutil.copyfile(f, tmp / f.name)
     (tmp / "README.md").write_text(card)
     if dest.exists():
@@ -115,13 +117,14 @@ def upload(folder: Path, repo_id: str, private: bool) -> str:
     try:
         api = HfApi()
         api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="qsweep publish")
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="qsweep publish",
+                                 ignore_patterns=[RECEIPT])
         return str(getattr(info, "commit_url", info))
     except Exception as e:  # never re-raise the hub's own exception: its text may carry request headers
         raise PublishError(redact(f"upload to hub repo {repo_id!r} failed: {type(e).__name__}: {e}")) from None
 
 
-def publish(store: Store, params: dict, inputs: list[ArtifactRef], dest: Path, out: Path) -> dict:
+def write_card(store: Store, params: dict, inputs: list[ArtifactRef], out: Path) -> dict:
     quantized, smoke, benchmark = inputs
     card = model_card(
         params,
@@ -130,19 +133,47 @@ def publish(store: Store, params: dict, inputs: list[ArtifactRef], dest: Path, o
         json.loads((store.path(benchmark) / "results.json").read_text()),
     )
     (out / "README.md").write_text(card)
-    export(store.path(quantized), card, dest)
-    info = {"exported_to": str(dest), "uploaded": None}
+    return {}
+
+
+def wants_upload(params: dict) -> bool:
+    from huggingface_hub import get_token
+
+    return bool(params.get("repo_id")) and get_token() is not None
+
+
+def delivered(card_key: str, params: dict, dest: Path) -> bool:
+    """The export holds this card, and it reached the hub if it should have."""
+    try:
+        receipt = json.loads((dest / RECEIPT).read_text())
+    except (OSError, ValueError):
+        return False
+    return receipt.get("card") == card_key and (receipt.get("uploaded") is not None or not wants_upload(params))
+
+
+def deliver(store: Store, card: ArtifactRef, quantized: ArtifactRef, params: dict, dest: Path) -> dict:
+    """Export the model with its card to `dest`, upload it when asked and able; return the receipt."""
+    export(store.path(quantized), (store.path(card) / "README.md").read_text(), dest)
+    receipt = {"card": card.key, "exported_to": str(dest), "uploaded": None}
     if params.get("repo_id"):
-        from huggingface_hub import get_token
-
-        if get_token():
-            info["uploaded"] = upload(dest, params["repo_id"], params.get("private", True))
+        if wants_upload(params):
+            receipt["uploaded"] = upload(dest, params["repo_id"], params.get("private", True))
         else:
-            info["note"] = "no hub token (HF_TOKEN or `hf auth login`): exported locally only"
-    return info
+            receipt["note"] = "no hub token (HF_TOKEN or `hf auth login`): exported locally only"
+    (dest / RECEIPT).write_text(json.dumps(receipt, indent=2))
+    return receipt
 
 
-@task(name="publish", cache_policy=artifact_cache("publish", CODE_VERSION), persist_result=True)
+def publish(store: Store, params: dict, inputs: list[ArtifactRef], dest: Path) -> tuple[ArtifactRef, dict]:
+    """The card is the artifact; the export and the upload are its delivery, redone when missing."""
+    card = store.produce("publish", CODE_VERSION, params, inputs, lambda out: write_card(store, params, inputs, out))
+    return card, deliver(store, card, inputs[0], params, dest)
+
+
+@task(name="publish", persist_result=True,
+      cache_policy=artifact_cache("publish", CODE_VERSION, done=lambda key, p: delivered(key, p["params"], Path(p["dest"]))))
 def publish_task(store: str, params: dict, inputs: list[ArtifactRef], dest: str) -> ArtifactRef:
-    s = Store(store)
-    return s.produce("publish", CODE_VERSION, params, inputs, lambda out: publish(s, params, inputs, Path(dest), out))
+    card, receipt = publish(Store(store), params, inputs, Path(dest))
+    get_run_logger().info("published to %s%s", receipt["exported_to"],
+                          f" and {receipt['uploaded']}" if receipt["uploaded"] else "")
+    return card

@@ -4,6 +4,7 @@ Real Prefect (ephemeral), mlx, mlx-lm, lm-eval and DuckDB, each run in its own
 process, like a user at a terminal.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -60,6 +61,12 @@ def artifact_dirs(store: Path):
     return sorted(p for p in (store / "artifacts").glob("*/*") if not p.name.startswith("."))
 
 
+def artifact_digests(store: Path):
+    """(stage, key, content digest) of every artifact: equal inputs must give equal ones."""
+    return sorted((p.parent.name, p.name, json.loads((p / "manifest.json").read_text())["digest"])
+                  for p in artifact_dirs(store))
+
+
 @pytest.fixture(scope="module")
 def finished(tiny_model, tmp_path_factory):
     """One sweep run twice on a clean store: (store, sweep file, first run, second run)."""
@@ -100,9 +107,11 @@ def test_second_run_computes_nothing(finished):
 
 def test_wiping_prefect_database_recomputes_nothing(finished, tmp_path):
     store, sweep, *_ = finished
+    shutil.rmtree(store / "published" / "tiny-q4-mlx")  # a deleted export is delivered again
     result = qsweep(store, "run", sweep, prefect_home=tmp_path / "fresh-prefect-home")
     assert result.returncode == 0, result.stderr[-3000:]
     assert all(cached for *_, cached in stages_of_last_run(store))
+    assert (store / "published" / "tiny-q4-mlx" / "README.md").exists()
 
 
 def test_sigkill_mid_stage_then_resume_gives_the_same_metrics(finished, tmp_path):
@@ -133,6 +142,7 @@ def test_sigkill_mid_stage_then_resume_gives_the_same_metrics(finished, tmp_path
     stages = stages_of_last_run(store)
     assert any(cached for *_, cached in stages) and not all(cached for *_, cached in stages)
     assert stable_metrics(store) == stable_metrics(reference)
+    assert artifact_digests(store) == artifact_digests(reference)
     assert not list(benchmarks.glob(".tmp-*"))
 
 

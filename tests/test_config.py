@@ -1,0 +1,107 @@
+"""The sweep file: every mistake is reported with its field path and what is allowed."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.config import SweepError, load_sweep, parse_sweep
+from tasks.recipes import BUILTINS
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = {"name": "t", "models": [{"name": "tiny", "source": "demo://tiny-llama"}], "recipes": ["q4", "qx86-hi"]}
+
+
+def error(data) -> str:
+    with pytest.raises(SweepError) as err:
+        parse_sweep(data, "my.yaml")
+    message = str(err.value)
+    assert message.startswith("my.yaml"), message
+    return message
+
+
+def test_good_sweep_parses():
+    sweep = parse_sweep({**GOOD, "recipes": ["q4", {"name": "mine", "bits": 6, "group_size": 32,
+                                                     "rules": [{"match": "lm_head", "bits": 8}]}]})
+    recipes = sweep.recipe_objects()
+    assert [r.name for r in recipes] == ["q4", "mine"] and recipes[0] is BUILTINS["q4"]
+    assert recipes[1].layer("lm_head") == {"bits": 8, "group_size": 32, "mode": "affine"}
+
+
+@pytest.mark.parametrize("data, where, allowed", [
+    ({**GOOD, "extra": 1}, "extra", "name, models, recipes, smoke, benchmark, publish"),
+    ({**GOOD, "models": [{"name": "tiny", "source": "demo://tiny-llama", "revision": "main"}]},
+     "models[0].revision", "name, source"),
+    ({**GOOD, "benchmark": {"limt": 5}}, "benchmark.limt", "tasks, limit, num_fewshot"),
+    ({**GOOD, "recipes": [{"name": "r", "bits": 4, "rules": [{"match": "x", "bitz": 8}]}]},
+     "recipes[0].rules[0].bitz", "match, bits, group_size, mode, keep"),
+])
+def test_unknown_key(data, where, allowed):
+    message = error(data)
+    assert f"{where}: unknown key" in message and allowed in message, message
+
+
+def test_unknown_recipe_lists_the_builtins():
+    message = error({**GOOD, "recipes": ["q4", "q7"]})
+    assert "recipes[1]" in message and "'q7'" in message, message
+    assert ", ".join(BUILTINS) in message, message
+
+
+@pytest.mark.parametrize("recipe, field, allowed", [
+    ({"name": "r", "bits": 7}, "bits 7", "2, 3, 4, 5, 6, 8"),
+    ({"name": "r", "bits": 4, "group_size": 48}, "group_size 48", "32, 64, 128"),
+    ({"name": "r", "bits": 4, "mode": "foo"}, "mode 'foo'", "affine, mxfp4, nvfp4, mxfp8"),
+    ({"name": "r", "bits": 4, "rules": [{"match": "mlp", "bits": 7}]}, "rules[0]", "2, 3, 4, 5, 6, 8"),
+])
+def test_impossible_inline_recipe(recipe, field, allowed):
+    message = error({**GOOD, "recipes": ["q4", recipe]})
+    assert "recipes[1]" in message and "'r'" in message and field in message, message
+    assert f"allowed: {allowed}" in message, message
+
+
+@pytest.mark.parametrize("field", ["models", "recipes"])
+def test_empty_lists(field):
+    message = error({**GOOD, field: []})
+    assert f"{field}: " in message and "at least 1" in message, message
+
+
+@pytest.mark.parametrize("recipes", [["q4", "q4"], ["q4", {"name": "q4", "bits": 8}]])
+def test_duplicate_recipe_names(recipes):
+    message = error({**GOOD, "recipes": recipes})
+    assert "recipes: duplicate names q4" in message, message
+
+
+def test_several_mistakes_are_reported_together():
+    message = error({**GOOD, "extra": 1, "benchmark": {"limt": 5}})
+    assert "extra: unknown key" in message and "benchmark.limt: unknown key" in message, message
+
+
+def test_file_that_is_not_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: demo\nmodels: [unclosed\n")
+    with pytest.raises(SweepError, match="not valid YAML"):
+        load_sweep(bad)
+
+
+@pytest.mark.parametrize("text", ["just some words\n", "", "- a\n- list\n"])
+def test_file_that_is_not_a_mapping(tmp_path, text):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    with pytest.raises(SweepError) as err:
+        load_sweep(path)
+    assert str(path) in str(err.value) and "name, models, recipes" in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SweepError, match="does not exist"):
+        load_sweep(tmp_path / "missing.yaml")
+    with pytest.raises(SweepError, match="does not exist"):
+        load_sweep(tmp_path)  # a directory is not a sweep file
+
+
+def test_demo_sweep_is_valid():
+    path = ROOT / "sweeps" / "demo.yaml"
+    sweep, digest = load_sweep(path)
+    assert sweep.name == "demo" and sweep.models and all(r.check() for r in sweep.recipe_objects())
+    assert parse_sweep(yaml.safe_load(path.read_text())) == sweep
+    assert load_sweep(path)[1] == digest and len(digest) == 64
