@@ -17,8 +17,16 @@ def default_store() -> str:
     return os.environ.get("QSWEEP_STORE", ".qsweep")
 
 
+def format_value(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return str(int(v)) if v.is_integer() else f"{v:.6g}"
+    return str(v)
+
+
 def format_table(columns, rows) -> str:
-    cells = [[("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row] for row in rows]
+    cells = [[format_value(v) for v in row] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])

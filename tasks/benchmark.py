@@ -86,6 +86,15 @@ class MLXLM(TemplateLM):
             else:
                 by_context[tuple(ctx)].append(i)
 
+        # Several continuations of one context (multiple choice): the context runs
+        # once and its KV cache, repeated per continuation, serves them all.
+        if self._plain_kv_cache:
+            for ctx, idx in list(by_context.items()):
+                conts = [requests[i][2] for i in idx]
+                if len(idx) > 1 and len(ctx) + max(map(len, conts)) <= self.max_length + 1:
+                    self._score_shared_context(list(ctx), list(zip(idx, conts)), results)
+                    del by_context[ctx]
+
         # A row is one model input, (context + continuation)[:-1]. Continuations of a
         # context share a row when one input is a prefix of another: single-token
         # answers (" A", " B", ...) then cost one row, not one each.
@@ -121,6 +130,45 @@ class MLXLM(TemplateLM):
         if batch:
             self._score_batch(batch, batch_slots, results)
         return results
+
+    @functools.cached_property
+    def _plain_kv_cache(self) -> bool:
+        from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+        return all(type(c) is KVCache for c in make_prompt_cache(self.model))
+
+    def _score_shared_context(self, ctx: list[int], items: list[tuple[int, list[int]]], results) -> None:
+        """Score every continuation of one context: the context once, then all continuations in one batch."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(self.model)
+        # The context's last position predicts each continuation's first token.
+        first = self.model(mx.array(ctx)[None], cache=cache)[0, -1].astype(mx.float32)
+        first = mx.broadcast_to(first, (len(items), first.shape[-1]))
+        longest = max(len(c) for _, c in items)
+        if longest > 1:
+            for c in cache:  # one copy of the context's keys and values per continuation
+                k, v, offset = c.state
+                c.state = (mx.repeat(k[..., :offset, :], len(items), axis=0),
+                           mx.repeat(v[..., :offset, :], len(items), axis=0), offset)
+            tokens = np.zeros((len(items), longest - 1), dtype=np.int32)
+            for b, (_, cont) in enumerate(items):
+                tokens[b, :len(cont) - 1] = cont[:-1]  # right padding only follows what is scored
+            rest = self.model(mx.array(tokens), cache=cache).astype(mx.float32)
+            logits = mx.concatenate([first[:, None], rest], axis=1)
+        else:
+            logits = first[:, None]
+        targets = np.zeros((len(items), longest), dtype=np.int32)
+        for b, (_, cont) in enumerate(items):
+            targets[b, :len(cont)] = cont
+        targets = mx.array(targets)
+        logprobs = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - mx.logsumexp(logits, axis=-1)
+        greedy = mx.argmax(logits, axis=-1) == targets
+        mx.eval(logprobs, greedy)
+        logprobs, greedy = np.array(logprobs, dtype=np.float64), np.array(greedy)
+        for b, (i, cont) in enumerate(items):
+            n = len(cont)
+            results[i] = (float(logprobs[b, :n].sum()), bool(greedy[b, :n].all()))
 
     def _score_batch(self, rows, slots, results) -> None:
         """One right-padded forward pass; gather the log-probs of every scored token."""
