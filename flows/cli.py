@@ -104,6 +104,10 @@ def cmd_recipes(args) -> int:
 
 
 def main(argv=None) -> int:
+    if argv is None:  # a real command line: give mlx a real BLAS first (flows/blas.py)
+        from flows.blas import reexec_with_blas
+
+        reexec_with_blas("flows.cli")
     parser = argparse.ArgumentParser(prog="qsweep", description=__doc__.splitlines()[0])
     parser.add_argument("--store", default=default_store(), help="artifact and metric store (default: $QSWEEP_STORE or ./.qsweep)")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -6,7 +6,7 @@ e.g. `recipes[2].bits: bits 7 is not allowed for mode affine; allowed: 2, 3, 4, 
 
 import hashlib
 from pathlib import Path
-from typing import Annotated, Union, get_args
+from typing import Annotated, Literal, Union, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -57,6 +57,7 @@ class BenchmarkSpec(Strict):
     chat_template: bool = False  # multiple-choice scores skew with it on; the card says which
     seed: int = 0
     batch_size: int = Field(16, ge=1)
+    backend: Literal["auto", "native", "fp32"] = "auto"  # auto: native kernels on a GPU, dequantized fp32 on a CPU
 
 
 class PublishSpec(Strict):

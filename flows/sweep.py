@@ -17,6 +17,7 @@ from flows.config import Sweep, SweepError, load_sweep
 from storage.artifacts import Store
 from storage.keys import tool_versions
 from storage.metrics import MetricStore
+from tasks.benchmark import resolve_backend
 from tasks.download import SourceError, key_params, resolve_source
 
 
@@ -51,7 +52,7 @@ def plan_cells(config: Sweep, resolved: dict, store: Store) -> list[dict]:
                 "settings": {
                     "recipe": recipe.params(),
                     "smoke": config.smoke.model_dump(),
-                    "benchmark": config.benchmark.model_dump(),
+                    "benchmark": {**config.benchmark.model_dump(), "backend": resolve_backend(config.benchmark.backend)},
                     "publish": {
                         "model": m.name, "recipe": recipe.params(), "recipe_description": recipe.description,
                         "source": key_params(resolved[m.name]), "repo_id": repo,

@@ -52,6 +52,9 @@ CREATE TABLE IF NOT EXISTS metrics (
     recorded TIMESTAMPTZ,
     PRIMARY KEY (model, recipe, stage, artifact_key, task, metric)
 );
+-- how a benchmark number was made: compare rows only where these agree
+ALTER TABLE metrics ADD COLUMN IF NOT EXISTS backend VARCHAR;   -- native | fp32
+ALTER TABLE metrics ADD COLUMN IF NOT EXISTS data VARCHAR;      -- data source and split
 """
 
 
@@ -105,9 +108,10 @@ class MetricStore:
             return
         with self.connect() as con:
             con.executemany(
-                "INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now()) ON CONFLICT DO NOTHING",
-                [[model, recipe, stage, r["task"], r["metric"], r["value"], r.get("stderr"), r.get("n"), artifact_key, run_id]
-                 for r in rows],
+                "INSERT INTO metrics (model, recipe, stage, task, metric, value, stderr, n, artifact_key, run_id, recorded,"
+                " backend, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?, ?) ON CONFLICT DO NOTHING",
+                [[model, recipe, stage, r["task"], r["metric"], r["value"], r.get("stderr"), r.get("n"), artifact_key, run_id,
+                  r.get("backend"), r.get("data")] for r in rows],
             )
 
     def query(self, sql: str, params=None) -> tuple[list[str], list[tuple]]:

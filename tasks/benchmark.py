@@ -19,10 +19,23 @@ from prefect import task
 from storage.artifacts import ArtifactRef, Store
 from tasks.stage import artifact_cache
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 LOCAL_TASKS = Path(__file__).parent / "data" / "lm_eval"
 
-DEFAULTS = {"tasks": [], "limit": None, "num_fewshot": 0, "chat_template": False, "seed": 0, "batch_size": 16}
+DEFAULTS = {"tasks": [], "limit": None, "num_fewshot": 0, "chat_template": False, "seed": 0, "batch_size": 16,
+            "backend": "native"}
+# native: mlx's quantized kernels, as the model runs for users (fast on Metal/CUDA).
+# fp32: dequantized weights, the same numbers at dense speed (fast on a CPU with a real BLAS).
+BACKENDS = ("auto", "native", "fp32")
+
+
+def resolve_backend(backend: str) -> str:
+    """'auto' is native on a GPU and fp32 on a CPU; resolved before keying, since results differ slightly."""
+    if backend not in BACKENDS:
+        raise ValueError(f"benchmark backend {backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    return "native" if mx.default_device() == mx.gpu else "fp32"
 # Mean metrics (acc, acc_norm) get a closed-form stderr; this only drives the
 # bootstrapped ones (perplexity, f1, ...), whose resampling is seeded by lm-eval.
 BOOTSTRAP_ITERS = 1000
@@ -35,12 +48,21 @@ VOLATILE_KEYS = {"date", "start_time", "end_time", "total_evaluation_time_second
 class MLXLM(TemplateLM):
     backend = "causal"
 
-    def __init__(self, model_dir: Path, batch_size: int = 16, max_length: int | None = None):
+    def __init__(self, model_dir: Path, batch_size: int = 16, max_length: int | None = None, backend: str = "native"):
         from mlx_lm import load
+        from mlx_lm.utils import dequantize_model
 
         super().__init__()
         self.model_dir = Path(model_dir)
         self.model, self.tokenizer = load(str(self.model_dir))
+        if backend == "fp32":
+            # The same quantized weights, expanded: a CPU runs dense fp32 matmuls
+            # through BLAS far faster than quantized_matmul or bf16.
+            self.model = dequantize_model(self.model)
+            self.model.set_dtype(mx.float32)
+        elif backend != "native":
+            raise ValueError(f"benchmark backend {backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
+        self.backend = backend
         self.batch_size = batch_size
         config = json.loads((self.model_dir / "config.json").read_text())
         self._max_length = max_length or _context_length(config)
@@ -258,7 +280,7 @@ def benchmark(model_dir: Path, params: dict, out: Path) -> list[dict]:
 
     p = {**DEFAULTS, **params}
     tasks, seed, chat = list(p["tasks"]), int(p["seed"]), bool(p["chat_template"])
-    lm = MLXLM(Path(model_dir), batch_size=int(p["batch_size"]))
+    lm = MLXLM(Path(model_dir), batch_size=int(p["batch_size"]), backend=p["backend"])
     if chat and not lm.tokenizer.has_chat_template:
         raise ValueError(f"chat_template=True but the tokenizer in {model_dir} has no chat template")
     results = lm_eval.simple_evaluate(
@@ -284,7 +306,7 @@ def benchmark(model_dir: Path, params: dict, out: Path) -> list[dict]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=_json_default) + "\n")
-    return metric_rows(results)
+    return [{**row, "backend": lm.backend} for row in metric_rows(results)]
 
 
 def metric_rows(results: dict) -> list[dict]:

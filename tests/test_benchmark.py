@@ -9,7 +9,9 @@ import mlx.nn as nn
 import pytest
 from lm_eval.api.instance import Instance
 
-from tasks.benchmark import LOCAL_TASKS, MLXLM, benchmark
+from mlx.utils import tree_flatten
+
+from tasks.benchmark import LOCAL_TASKS, MLXLM, benchmark, resolve_backend
 
 DEMO = {"tasks": ["qsweep_demo_mc"], "limit": 6, "batch_size": 4}
 
@@ -155,3 +157,30 @@ def test_demo_task_loads_offline_from_any_cwd(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["40", "5"]
+
+
+@pytest.fixture(scope="module")
+def quantized_model(tiny_model, tmp_path_factory):
+    from tasks.quantize import quantize
+    from tasks.recipes import get_recipe
+
+    out = tmp_path_factory.mktemp("q4")
+    quantize(tiny_model, get_recipe("q4"), out)
+    return out
+
+
+def test_fp32_backend_gives_the_native_answers(quantized_model):
+    """Dequantized fp32 is the same model: the same log-likelihoods and choices, only faster on a CPU."""
+    native, fp32 = MLXLM(quantized_model, backend="native"), MLXLM(quantized_model, backend="fp32")
+    assert all(p.dtype == mx.float32 for _, p in tree_flatten(fp32.model.parameters()))
+    requests = [Instance("loglikelihood", {}, (c, x), i) for i, (c, x) in enumerate(
+        [("The sky is", " blue"), ("The sky is", " green today"), ("Water boils at", " one hundred degrees")])]
+    for (a, greedy_a), (b, greedy_b) in zip(native.loglikelihood(requests), fp32.loglikelihood(requests)):
+        assert a == pytest.approx(b, rel=0.01)  # bf16 activations vs fp32: rounding, not a different model
+        assert greedy_a == greedy_b
+
+
+def test_unknown_backend_names_the_allowed_values(tiny_model):
+    with pytest.raises(ValueError, match="allowed: auto, native, fp32"):
+        MLXLM(tiny_model, backend="gpu")
+    assert resolve_backend("auto") in ("native", "fp32")

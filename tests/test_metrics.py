@@ -51,7 +51,8 @@ def test_query_without_history_says_so(tmp_path):
 HOLDER = """
 import sys, time, duckdb
 con = duckdb.connect(sys.argv[1])
-con.execute("INSERT INTO metrics VALUES ('tiny', 'q4', 'smoke', 'smoke', 'x', 1, NULL, NULL, 'k', 'r', now())")
+con.execute("INSERT INTO metrics (model, recipe, stage, task, metric, value, artifact_key, run_id) "
+            "VALUES ('tiny', 'q4', 'smoke', 'smoke', 'x', 1, 'k', 'r')")
 print("held", flush=True)
 time.sleep(float(sys.argv[2]))
 con.close()

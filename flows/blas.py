@@ -1,0 +1,55 @@
+"""A real BLAS for mlx on Linux CPUs.
+
+mlx's CPU wheel links a bundled reference BLAS: fp32 matmuls run at a few
+GFLOP/s. OpenBLAS (PyPI cmeel-openblas, a project dependency on Linux)
+interposed with LD_PRELOAD runs the same calls ~20x faster. The preload must be
+in place before the process starts, so `qsweep` re-executes itself once with it.
+OpenBLAS needs libgfortran.so.5, which mlx's wheel already bundles under a
+hashed name; a folder of links in the virtualenv gives it the plain name.
+Set QSWEEP_BLAS=0 to run with mlx's own BLAS.
+"""
+
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+MARK = "QSWEEP_BLAS"
+
+
+def _links(bundled: Path) -> Path:
+    links = Path(sys.prefix) / "lib" / "qsweep-blas"
+    links.mkdir(parents=True, exist_ok=True)
+    for lib in bundled.iterdir():  # keep the hashed names too: libgfortran finds libquadmath by them
+        names = [lib.name] + (["libgfortran.so.5"] if lib.name.startswith("libgfortran") else [])
+        for name in names:
+            link = links / name
+            if not link.exists():
+                link.symlink_to(lib)
+    return links
+
+
+def blas_env() -> dict | None:
+    """The environment that interposes OpenBLAS, or None where it does not apply."""
+    if sys.platform != "linux" or os.environ.get(MARK) in ("0", "applied"):
+        return None
+    site = Path(sysconfig.get_paths()["purelib"])
+    openblas, bundled = site / "cmeel.prefix" / "lib" / "libopenblas.so.0", site / "mlx_cpu.libs"
+    if not (openblas.exists() and bundled.is_dir()):
+        return None
+    import mlx.core as mx
+
+    if mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available()):
+        return None  # the GPU does the matmuls
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = " ".join(filter(None, [str(openblas), env.get("LD_PRELOAD")]))
+    env["LD_LIBRARY_PATH"] = ":".join(filter(None, [str(_links(bundled)), env.get("LD_LIBRARY_PATH")]))
+    env[MARK] = "applied"
+    return env
+
+
+def reexec_with_blas(module: str) -> None:
+    """Replace this process with `python -m module ...` under OpenBLAS, when it applies."""
+    env = blas_env()
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
