@@ -48,8 +48,8 @@ def blas_env() -> dict | None:
     return env
 
 
-def reexec_with_blas(module: str) -> None:
-    """Replace this process with `python -m module ...` under OpenBLAS, when it applies."""
+def reexec_with_blas(*how: str) -> None:
+    """Run this program again under OpenBLAS, when it applies: `how` is ("-m", module) or (script path,)."""
     env = blas_env()
     if env is not None:
-        os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, *how, *sys.argv[1:]], env)

@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     if argv is None:  # a real command line: give mlx a real BLAS first (flows/blas.py)
         from flows.blas import reexec_with_blas
 
-        reexec_with_blas("flows.cli")
+        reexec_with_blas("-m", "flows.cli")
     parser = argparse.ArgumentParser(prog="qsweep", description=__doc__.splitlines()[0])
     parser.add_argument("--store", default=default_store(), help="artifact and metric store (default: $QSWEEP_STORE or ./.qsweep)")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -63,6 +63,7 @@ class MLXLM(TemplateLM):
         elif backend != "native":
             raise ValueError(f"benchmark backend {backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
         self.backend = backend
+        self.tokens_fed = 0  # token positions run through the model, padding excluded: for throughput
         self.batch_size = batch_size
         config = json.loads((self.model_dir / "config.json").read_text())
         self._max_length = max_length or _context_length(config)
@@ -166,6 +167,7 @@ class MLXLM(TemplateLM):
         cache = make_prompt_cache(self.model)
         # The context's last position predicts each continuation's first token.
         first = self.model(mx.array(ctx)[None], cache=cache)[0, -1].astype(mx.float32)
+        self.tokens_fed += len(ctx) + sum(len(c) - 1 for _, c in items)
         first = mx.broadcast_to(first, (len(items), first.shape[-1]))
         longest = max(len(c) for _, c in items)
         if longest > 1:
@@ -202,6 +204,7 @@ class MLXLM(TemplateLM):
         targets = mx.array(np.concatenate([c for *_, c in slots]).astype(np.int32))
 
         logits = self.model(mx.array(tokens))
+        self.tokens_fed += sum(map(len, rows))
         picked = logits[mx.array(b_idx), mx.array(p_idx)].astype(mx.float32)
         logprobs = mx.take_along_axis(picked, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(picked, axis=-1)
         greedy = mx.argmax(picked, axis=-1) == targets

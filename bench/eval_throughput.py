@@ -1,4 +1,4 @@
-"""Compare qsweep's lm-eval adapter with mlx-lm's on one model and one task.
+"""Evaluation throughput: qsweep's benchmark adapter vs mlx_lm.evaluate, same model, same requests.
 
 Both adapters run through `lm_eval.simple_evaluate` on the same requests: chat
 template off, 0-shot, same seeds, same limit. Models load and each adapter is
@@ -6,10 +6,14 @@ warmed up once before anything is timed. Two times are reported per adapter:
 the whole `simple_evaluate` call, and the time spent inside the adapter's
 `loglikelihood` (the scoring itself, which is what the adapters differ in).
 The per-request log-likelihoods of the two timed runs are then compared one by one.
+qsweep's adapter runs with the backend a sweep would use (--backend, default auto:
+dequantized fp32 on a CPU, under the OpenBLAS that `qsweep` interposes, as this
+script does too). Its tokens/s is set against the hardware limit: the measured fp32
+GEMM rate / (2 x matmul parameters).
 
-    .venv/bin/python bench/bench_evaluate.py                  # embedded tiny model
-    .venv/bin/python bench/bench_evaluate.py --wide           # a wider tiny model
-    .venv/bin/python bench/bench_evaluate.py --model PATH --task NAME --limit 100
+    .venv/bin/python bench/eval_throughput.py                  # embedded tiny model
+    .venv/bin/python bench/eval_throughput.py --wide           # a wider tiny model
+    .venv/bin/python bench/eval_throughput.py --model PATH --task NAME --limit 100
 """
 
 import argparse
@@ -23,15 +27,40 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would drown the table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flows.blas import reexec_with_blas  # noqa: E402
+
+if __name__ == "__main__":
+    reexec_with_blas(__file__)
+
 import lm_eval  # noqa: E402
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
 import mlx_lm.evaluate  # noqa: E402
 
-from tasks.benchmark import MLXLM, task_manager_for  # noqa: E402
+from tasks.benchmark import MLXLM, resolve_backend, task_manager_for  # noqa: E402
 from tasks.demo_model import make_demo_model  # noqa: E402
 
 SEED = 0
 WIDE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
             num_attention_heads=8, num_key_value_heads=4, head_dim=32)
+
+
+def gemm_gflops(n: int = 1024, repeats: int = 10) -> float:
+    """This machine's fp32 matmul rate through mlx, in GFLOP/s."""
+    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+    mx.eval(a @ b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(a @ b)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def matmul_params(model) -> int:
+    """Weights a token multiplies through: every Linear, plus the embedding when it doubles as the head."""
+    n = sum(m.weight.size for _, m in model.named_modules() if isinstance(m, nn.Linear))
+    if not any(name.endswith("lm_head") for name, _ in model.named_modules()):
+        n += model.model.embed_tokens.weight.size
+    return n
 
 
 def record_loglikelihood(lm):
@@ -83,18 +112,22 @@ def main() -> None:
     parser.add_argument("--task", default="qsweep_demo_mc")
     parser.add_argument("--limit", type=int, default=None, help="questions (default: the whole task)")
     parser.add_argument("--batch-size", type=int, default=16, help="qsweep adapter's batch size")
+    parser.add_argument("--backend", default="auto", choices=("auto", "native", "fp32"), help="qsweep adapter's backend")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per adapter; the fastest is kept")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or make_demo_model(Path(tmp) / "demo", seed=SEED, **(WIDE if args.wide else {}))
-        ours = MLXLM(model_dir, batch_size=args.batch_size)
+        ours = MLXLM(model_dir, batch_size=args.batch_size, backend=resolve_backend(args.backend))
         peer = mlx_lm.evaluate.MLXLM(str(model_dir), use_chat_template=False)
         rows = [run("qsweep tasks.benchmark.MLXLM", ours, args.task, args.limit, args.repeats),
                 run("mlx_lm.evaluate.MLXLM", peer, args.task, args.limit, args.repeats)]
+        tokens = ours.tokens_fed // (args.repeats + 1)  # every run feeds the same requests
+        params, gflops = matmul_params(ours.model), gemm_gflops()
 
     print(f"\nmodel: {args.model or ('tiny demo model' + (' (wide)' if args.wide else ''))}  "
-          f"task: {args.task}  limit: {args.limit}  best of {args.repeats}")
+          f"task: {args.task}  limit: {args.limit}  best of {args.repeats}  "
+          f"qsweep backend: {ours.backend}  BLAS: {'OpenBLAS' if os.environ.get('QSWEEP_BLAS') == 'applied' else 'mlx bundled'}")
     print(f"{'adapter':<30} {'eval s':>8} {'loglik s':>9} {'requests':>9} {'req/s':>9} {'acc':>7} {'acc_norm':>9}")
     for r in rows:
         n = len(r["scores"])
@@ -103,6 +136,10 @@ def main() -> None:
     ours_r, peer_r = rows
     print(f"\nspeed ratio (ours / peer, req/s): {peer_r['loglik_seconds'] / ours_r['loglik_seconds']:.2f}x "
           f"scoring, {peer_r['seconds'] / ours_r['seconds']:.2f}x whole simple_evaluate")
+    limit = gflops * 1e9 / (2 * params)
+    rate = tokens / ours_r["loglik_seconds"]
+    print(f"qsweep tokens/s: {rate:.0f} ({tokens} tokens); hardware limit {limit:.0f} tokens/s "
+          f"(fp32 GEMM {gflops:.1f} GFLOP/s, {params / 1e6:.1f}M matmul parameters): {rate / limit:.0%} of it")
     d_acc = max(abs(ours_r[m] - peer_r[m]) for m in ("acc", "acc_norm"))
     print(f"max |acc diff| over acc, acc_norm: {d_acc:.4f} ({'agree' if d_acc < 1e-9 else 'DIFFER'})")
 
