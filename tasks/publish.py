@@ -77,13 +77,17 @@ def model_card(params: dict, quantized: dict, smoke: dict, benchmark: dict) -> s
     run = benchmark["config"]["params"]
     lines += ["## Benchmarks", "",
               f"lm-eval {benchmark['lm_eval_version']}, {run['num_fewshot']}-shot, limit {run['limit']}, "
-              f"chat template {'on' if benchmark['config']['apply_chat_template'] else 'off'}.", "",
-              "| task | acc | acc_norm | n |", "|---|---|---|---|"]
+              f"chat template {'on' if benchmark['config']['apply_chat_template'] else 'off'}, "
+              f"evaluated with {run.get('backend', 'native')} weights.", "",
+              "| task | acc | acc_norm | n | data |", "|---|---|---|---|---|"]
+    plan = {t["run"]: t for t in run.get("plan") or []}  # offline copies report under the official name
     for task_name, r in sorted(results.items()):
         def cell(m):
             v, e = r.get(f"{m},none"), r.get(f"{m}_stderr,none")
             return "" if v is None else f"{v:.3f}" + (f" ± {e:.3f}" if isinstance(e, (int, float)) else "")
-        lines.append(f"| {task_name} | {cell('acc')} | {cell('acc_norm')} | {benchmark['n-samples'].get(task_name, {}).get('effective', '')} |")
+        shown = plan.get(task_name, {"task": task_name, "data": ""})
+        lines.append(f"| {shown['task']} | {cell('acc')} | {cell('acc_norm')} | "
+                     f"{benchmark['n-samples'].get(task_name, {}).get('effective', '')} | {shown['data'] or ''} |")
 
     answer = smoke["text"].strip().replace("\n", " ")
     lines += ["", "## Smoke test", "", f"Prompt: {smoke['prompt']}", "",

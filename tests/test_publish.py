@@ -97,7 +97,7 @@ def test_card_shows_size_and_benchmarks(made, store, tmp_path):
 
     results = json.loads((store.path(b) / "results.json").read_text())
     for task, metrics in results["results"].items():
-        name, acc, acc_norm, n = table_row(card, task)
+        name, acc, acc_norm, n, data = table_row(card, task)
         assert float(acc.split(" ± ")[0]) == pytest.approx(metrics["acc,none"], abs=0.0005)
         assert float(acc_norm.split(" ± ")[0]) == pytest.approx(metrics["acc_norm,none"], abs=0.0005)
         assert int(n) == 8
