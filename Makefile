@@ -17,7 +17,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/qsweep run sweeps/demo.yaml
-	$(VENV)/bin/qsweep sql "SELECT model, recipe, task, metric, round(value, 4) AS value, round(stderr, 4) AS stderr FROM metrics WHERE stage IN ('quantize', 'benchmark') ORDER BY recipe, task, metric"
+	$(VENV)/bin/qsweep sql "SELECT model, recipe, task, metric, round(value, 4) AS value, round(stderr, 4) AS stderr FROM latest_metrics WHERE stage IN ('quantize', 'benchmark') ORDER BY recipe, task, metric"
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

@@ -16,6 +16,7 @@ from tasks.download import download_task, key_params, redact
 from tasks.publish import publish_task
 from tasks.quantize import quantize_task
 from tasks.smoke import smoke_task
+from tasks.stage import run_stage
 
 STAGES = ("download", "quantize", "smoke", "benchmark", "publish")
 
@@ -32,7 +33,7 @@ def cell(store: str, run_id: str, model: str, recipe: str, source: dict, setting
 
     def stage(name, task_fn, params, inputs, **extra) -> ArtifactRef:
         started = time.time()
-        state = task_fn(store=store, params=params, inputs=inputs, return_state=True, **extra)
+        state = run_stage(task_fn, store=store, params=params, inputs=inputs, **extra)
         seconds = round(time.time() - started, 3)
         if not state.is_completed():
             error = redact(_error_text(state))

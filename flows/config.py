@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union, get_args
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.recipes import BUILTINS, Recipe, RecipeError, Rule, get_recipe
 
@@ -67,6 +67,18 @@ class PublishSpec(Strict):
     export_dir: str | None = None  # default: <store>/published
     license: str | None = None
 
+    @field_validator("repo")
+    @classmethod
+    def _placeholders(cls, repo):
+        if repo is not None:
+            try:
+                name = repo.format(model="m", recipe="r")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"{repo!r}: bad placeholder {e}; allowed: {{model}}, {{recipe}}") from None
+            if name.count("/") != 1:
+                raise ValueError(f"{repo!r}: must be a hub repo id 'org/name' (placeholders {{model}}, {{recipe}})")
+        return repo
+
 
 class Sweep(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -82,6 +94,10 @@ class Sweep(Strict):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"{what}: duplicate names {', '.join(dupes)}; each must be unique")
+        repo = self.publish.repo or ""
+        for what, placeholder in (("models", "{model}"), ("recipes", "{recipe}")):
+            if repo and len(getattr(self, what)) > 1 and placeholder not in repo:
+                raise ValueError(f"publish.repo: {repo!r} lacks {placeholder}: every cell would upload to one repo")
         return self
 
     def recipe_objects(self) -> list[Recipe]:

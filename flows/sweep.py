@@ -10,14 +10,13 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from flows.cell import cell
 from flows.config import Sweep, SweepError, load_sweep
-from storage.artifacts import Store
+from storage.artifacts import Store, digest_files, scan_files
 from storage.keys import tool_versions
 from storage.metrics import MetricStore
-from tasks.benchmark import resolve_backend
+from tasks.benchmark import LOCAL_TASKS, resolve_backend, task_manager_for
 from tasks.download import SourceError, key_params, resolve_source
 from tasks.offline_tasks import plan_tasks
 
@@ -45,8 +44,17 @@ def resolve_benchmark(config: Sweep) -> dict:
         plan = plan_tasks(config.benchmark.tasks, config.benchmark.data)
     except (ValueError, ModuleNotFoundError) as e:
         raise SweepError(f"invalid sweep file:\n  benchmark.tasks: {e}") from None
+    local = task_manager_for([])  # qsweep's own tasks; lm-eval's full index only when a task is not among them
+    runs = [t["run"] for t in plan]
+    known = local.all_tasks if all(r in local.all_tasks for r in runs) else task_manager_for(runs).all_tasks
+    unknown = [r for r in runs if r not in known]
+    if unknown:
+        raise SweepError(f"invalid sweep file:\n  benchmark.tasks: unknown task {', '.join(unknown)}; allowed: "
+                         f"{', '.join(sorted(local.all_tasks))}, or any lm-eval task (`lm-eval ls tasks`)")
     params = config.benchmark.model_dump(exclude={"data"})
-    return {**params, "backend": resolve_backend(config.benchmark.backend), "plan": plan}
+    # The shipped task files are inputs too: an edited prompt or dataset must not reuse old results.
+    return {**params, "backend": resolve_backend(config.benchmark.backend), "plan": plan,
+            "task_files": digest_files({n: f for n, f in scan_files(LOCAL_TASKS).items() if "__pycache__" not in n})}
 
 
 def plan_cells(config: Sweep, resolved: dict, store: Store) -> list[dict]:
@@ -89,15 +97,13 @@ def sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
                       [{"model": c["model"], "recipe": c["recipe"]} for c in cells])
 
     outcomes, failed = [], []
-    # Prefect's task results live in the store, next to the artifacts they point to.
-    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: artifacts.prefect_results}):
-        for c in cells:
-            state = cell(store=str(artifacts.root), run_id=run_id, return_state=True, **c)
-            if state.is_completed():
-                outcomes.append(state.result())
-            else:
-                failed.append(f"{c['model']}/{c['recipe']}")
-                log.error("cell %s/%s failed: %s", c["model"], c["recipe"], state.message)
+    for c in cells:
+        state = cell(store=str(artifacts.root), run_id=run_id, return_state=True, **c)
+        if state.is_completed():
+            outcomes.append(state.result())
+        else:
+            failed.append(f"{c['model']}/{c['recipe']}")
+            log.error("cell %s/%s failed: %s", c["model"], c["recipe"], state.message)
     history.finish_run(run_id, "failed" if failed else "completed")
     if failed:
         raise SweepFailed(f"{len(failed)} of {len(cells)} cells failed: {', '.join(failed)}; see `qsweep status`")

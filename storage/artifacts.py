@@ -59,6 +59,16 @@ def artifact_key(stage: str, code_version: str, params: dict, inputs: list[Artif
     return stage_key(stage, code_version, params, [i.digest for i in inputs])
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 class CorruptArtifact(Exception):
     pass
 
@@ -67,9 +77,6 @@ class Store:
     def __init__(self, root: Path | str):
         self.root = Path(root).resolve()
         self._verified: set[str] = set()
-        # Prefect's persisted task results live here (PREFECT_LOCAL_STORAGE_PATH), so
-        # wiping ~/.prefect loses run history but never a finished stage.
-        self.prefect_results = self.root / "prefect-results"
         self.metrics_db = self.root / "metrics.duckdb"
 
     def path(self, ref_or_stage, key: str | None = None) -> Path:
@@ -124,9 +131,11 @@ class Store:
             return found
         final = self.path(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        for stale in final.parent.glob(f".tmp-{key}-*"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in final.parent.glob(f".tmp-{key}-*"):  # left by a killed run; a live one is not ours to touch
+            if not _alive(int(stale.name.rsplit("-", 1)[1])):
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = final.with_name(f".tmp-{key}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)  # our own pid, from an earlier process that had it
         tmp.mkdir()
         started = time.time()
         try:

@@ -11,7 +11,8 @@ import json
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 
-TOOLS = ("mlx", "mlx-lm", "lm-eval")
+# What shapes stage outputs: mlx-lm saves tokenizers through transformers, lm-eval records its versions.
+TOOLS = ("mlx", "mlx-lm", "lm-eval", "transformers", "tokenizers")
 
 
 @lru_cache(maxsize=1)

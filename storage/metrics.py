@@ -55,6 +55,13 @@ CREATE TABLE IF NOT EXISTS metrics (
 -- how a benchmark number was made: compare rows only where these agree
 ALTER TABLE metrics ADD COLUMN IF NOT EXISTS backend VARCHAR;   -- native | fp32
 ALTER TABLE metrics ADD COLUMN IF NOT EXISTS data VARCHAR;      -- data source and split
+-- The metrics of each cell's stages as last done: old rows from earlier settings stay in `metrics`.
+CREATE OR REPLACE VIEW latest_metrics AS
+WITH latest AS (
+    SELECT model, recipe, stage, key FROM stages WHERE status = 'done'
+    QUALIFY row_number() OVER (PARTITION BY model, recipe, stage ORDER BY finished DESC) = 1
+)
+SELECT m.* FROM metrics m JOIN latest l USING (model, recipe, stage) WHERE m.artifact_key = l.key;
 """
 
 

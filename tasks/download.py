@@ -146,7 +146,6 @@ def _hub_call(source: str, call):
     from huggingface_hub import constants
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-    cause = None
     try:
         return call()
     except RevisionNotFoundError:
@@ -155,8 +154,9 @@ def _hub_call(source: str, call):
         why = "repository not found on the Hub (a private or gated repo needs a token: HF_TOKEN or `hf auth login`)"
     except Exception as e:  # unreachable, offline mode, Hub 5xx: the transport's error types vary by hub version
         first_line = (str(e).strip().splitlines() or [""])[0]
-        why, cause = f"Hub request to {constants.ENDPOINT} failed: {type(e).__name__}: {first_line}", e
-    raise SourceError(redact(f"model source {source!r}: {why}")) from cause
+        why = f"Hub request to {constants.ENDPOINT} failed: {type(e).__name__}: {first_line}"
+    # Never chain the hub's exception: Prefect logs whole tracebacks, and its text may echo request headers.
+    raise SourceError(redact(f"model source {source!r}: {why}")) from None
 
 
 def redact(text: str) -> str:
@@ -194,7 +194,12 @@ def key_params(resolved: dict) -> dict:
     return {k: v for k, v in resolved.items() if k != "path"}
 
 
+def _transient(task, task_run, state) -> bool:
+    """Retry a hub hiccup, not a source that cannot work."""
+    return not isinstance(state.result(raise_on_failure=False), SourceError)
+
+
 @task(name="download", cache_policy=artifact_cache("download", CODE_VERSION), persist_result=True,
-      retries=2, retry_delay_seconds=10)
+      retries=2, retry_delay_seconds=10, retry_condition_fn=_transient)
 def download_task(store: str, params: dict, inputs: list[ArtifactRef], resolved: dict) -> ArtifactRef:
     return Store(store).produce("download", CODE_VERSION, params, inputs, lambda out: download(resolved, out))

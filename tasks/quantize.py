@@ -23,18 +23,23 @@ def quantize(base_dir: Path, recipe: Recipe, out: Path) -> dict:
     from mlx_lm import convert
     from mlx_lm.utils import compute_bits_per_weight, load_model
 
+    predicate = None
+    if recipe.rules and recipe.quantizes_any:
+        # A predicate we pass replaces the model's own; keep its choices for what no rule matches.
+        model, _ = load_model(base_dir, lazy=True)
+        predicate = recipe.quant_predicate(getattr(model, "quant_predicate", None))
     # convert refuses an existing directory, and `out` already exists.
     staging = out / ".convert"
     with contextlib.redirect_stdout(io.StringIO()):  # convert narrates on stdout
         convert(
             str(base_dir),
             mlx_path=str(staging),
-            quantize=recipe.quantized,
+            quantize=recipe.quantizes_any,
             q_bits=recipe.bits,
-            q_group_size=recipe.group_size if recipe.quantized else None,
+            q_group_size=recipe.group_size if recipe.quantizes_any else None,
             q_mode=recipe.mode,
             dtype=recipe.dtype,
-            quant_predicate=recipe.quant_predicate() if recipe.quantized and recipe.rules else None,
+            quant_predicate=predicate,
         )
     for f in staging.iterdir():
         shutil.move(str(f), out / f.name)

@@ -84,13 +84,20 @@ class Recipe:
             return None
         return {"bits": self.bits, "group_size": self.group_size, "mode": self.mode}
 
-    def quant_predicate(self):
-        """mlx-lm's quant_predicate: a dict for rule-matched layers, True for the default."""
+    @property
+    def quantizes_any(self) -> bool:
+        return self.quantized or any(not r.keep for r in self.rules)
+
+    def quant_predicate(self, model_predicate=None):
+        """mlx-lm's quant_predicate: rule matches get their own dict (or False: keep); other modules
+        the default, deferring to the model's own predicate where it has one (e.g. MoE gates at 8 bits)."""
         def predicate(path, module):
             for rule in self.rules:
                 if re.search(rule.match, path):
                     return False if rule.keep else self.layer(path)
-            return True
+            if not self.quantized:
+                return False
+            return model_predicate(path, module) if model_predicate else True
         return predicate
 
     def params(self) -> dict:

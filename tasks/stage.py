@@ -2,22 +2,42 @@
 
 Prefect sees the same key that storage/keys.py computes, so a re-run shows
 finished stages as Cached in the UI. The artifact store stays the source of
-truth: when it lacks the artifact (deleted, or corrupt and moved aside),
-Prefect's record under that key is dropped and the stage runs again. A stage
-with effects outside the store (publish) says with `done` whether they hold.
+truth: when it lacks a stage's artifact (deleted, or corrupt and moved aside),
+or a stage's effects outside the store no longer hold (publish: `done`),
+`run_stage` makes Prefect run the task whatever its own cache says.
 """
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 from prefect.cache_policies import CachePolicy
 
 from storage.artifacts import Store, artifact_key
 
 
-def artifact_cache(stage: str, code_version: str, done=None) -> CachePolicy:
-    def cache_key(context, parameters: dict) -> str:
-        store = Store(parameters["store"])
-        key = artifact_key(stage, code_version, parameters["params"], parameters["inputs"])
-        if store.get(stage, key) is None or (done is not None and not done(key, parameters)):
-            (store.prefect_results / key).unlink(missing_ok=True)
-        return key
+@dataclass
+class ArtifactCache(CachePolicy):
+    stage: str = ""
+    code_version: str = ""
+    done: Optional[Callable[[str, dict], bool]] = None
 
-    return CachePolicy.from_cache_key_fn(cache_key)
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
+        return artifact_key(self.stage, self.code_version, inputs["params"], inputs["inputs"])
+
+    def holds(self, parameters: dict) -> bool:
+        """The store has this stage's artifact, and its outside effects are in place."""
+        key = self.compute_key(None, parameters, {})
+        if Store(parameters["store"]).get(self.stage, key) is None:
+            return False
+        return self.done is None or self.done(key, parameters)
+
+
+def artifact_cache(stage: str, code_version: str, done=None) -> ArtifactCache:
+    return ArtifactCache(stage=stage, code_version=code_version, done=done)
+
+
+def run_stage(task_fn, **parameters):
+    """Call a stage's task and return its final state; Prefect's cache is trusted only where the store agrees."""
+    if not task_fn.cache_policy.holds(parameters):
+        task_fn = task_fn.with_options(refresh_cache=True)
+    return task_fn(**parameters, return_state=True)

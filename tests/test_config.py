@@ -105,3 +105,12 @@ def test_demo_sweep_is_valid():
     assert sweep.name == "demo" and sweep.models and all(r.check() for r in sweep.recipe_objects())
     assert parse_sweep(yaml.safe_load(path.read_text())) == sweep
     assert load_sweep(path)[1] == digest and len(digest) == 64
+
+
+@pytest.mark.parametrize("repo, says", [
+    ("me/{modle}-{recipe}", "bad placeholder 'modle'; allowed: {model}, {recipe}"),
+    ("no-org-{model}-{recipe}", "must be a hub repo id 'org/name'"),
+    ("me/{model}-fixed", "lacks {recipe}: every cell would upload to one repo"),
+])
+def test_publish_repo_is_checked_before_any_work(repo, says):
+    assert says in error({**GOOD, "publish": {"repo": repo}})

@@ -78,3 +78,14 @@ def test_query_waits_for_a_writer_in_another_process(history):
         writer.wait()
     assert rows == [(len(ROWS) + 1,)]  # sees what the other process wrote
     assert hold / 2 < waited < hold + 10
+
+
+def test_latest_metrics_shows_each_cell_as_last_done(history):
+    history.record_stage("run-1", "tiny", "q4", "benchmark", "key-a", "done", False, 1.0)
+    time.sleep(0.01)
+    newer = [{**r, "value": r["value"] / 2} for r in ROWS]  # the same cell, run again with other settings
+    history.record_metrics("run-2", "tiny", "q4", "benchmark", "key-b", newer)
+    history.record_stage("run-2", "tiny", "q4", "benchmark", "key-b", "done", False, 1.0)
+    _, rows = history.query("SELECT metric, value FROM latest_metrics ORDER BY metric")
+    assert rows == [(r["metric"], r["value"]) for r in newer]
+    assert history.query(COUNT)[1] == [(2 * len(ROWS),)]  # the history keeps both

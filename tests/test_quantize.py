@@ -104,3 +104,15 @@ def test_same_input_same_bytes(quantized, tiny_model, tmp_path, name):
     assert names == sorted(p.name for p in tmp_path.iterdir())
     for n in names:
         assert (first / n).read_bytes() == (tmp_path / n).read_bytes(), n
+
+
+def test_rules_apply_under_a_float_default(tiny_model, tmp_path):
+    """bits: null keeps the model in float, except where a rule says otherwise."""
+    from tasks.recipes import Recipe, Rule
+
+    recipe = Recipe("head-only", bits=None, rules=(Rule(r"(^|\.)lm_head$", bits=8, group_size=32),)).check()
+    info = quantize(tiny_model, recipe, tmp_path)
+    scaled = {k.removesuffix(".scales") for k in tensors(tmp_path) if k.endswith(".scales")}
+    assert scaled == {"lm_head"}
+    assert info["layers"]["lm_head"] == {"bits": 8, "group_size": 32, "mode": "affine"}
+    assert load(str(tmp_path))[0] is not None

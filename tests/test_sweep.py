@@ -105,6 +105,21 @@ def test_second_run_computes_nothing(finished):
     assert total == distinct
 
 
+def test_a_deleted_artifact_or_export_is_rebuilt_though_prefect_remembers_it(finished):
+    store, sweep, *_ = finished
+    home = store.parent / "prefect"  # the same Prefect database, which has every stage as cached
+    [quantized] = [p for p in artifact_dirs(store) if p.parent.name == "quantize"
+                   and json.loads((p / "manifest.json").read_text())["info"]["recipe"] == "q4"]
+    shutil.rmtree(quantized)
+    shutil.rmtree(store / "published" / "tiny-bf16-mlx")
+    result = qsweep(store, "run", sweep, prefect_home=home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    computed = {(r, s) for _, r, s, _, cached in stages_of_last_run(store) if not cached}
+    assert computed == {("q4", "quantize")}  # same bytes again, so everything after it is found
+    assert (quantized / "manifest.json").exists()
+    assert (store / "published" / "tiny-bf16-mlx" / "README.md").exists()
+
+
 def test_wiping_prefect_database_recomputes_nothing(finished, tmp_path):
     store, sweep, *_ = finished
     shutil.rmtree(store / "published" / "tiny-q4-mlx")  # a deleted export is delivered again
