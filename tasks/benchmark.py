@@ -39,6 +39,8 @@ def resolve_backend(backend: str) -> str:
 # Mean metrics (acc, acc_norm) get a closed-form stderr; this only drives the
 # bootstrapped ones (perplexity, f1, ...), whose resampling is seeded by lm-eval.
 BOOTSTRAP_ITERS = 1000
+# Context tokens (padding included) in one batched prefill: bounds memory, keeps GEMMs large.
+TOKENS_PER_BATCH = 4096
 # Top-level fields of lm-eval's results that change with the clock, machine or
 # checkout, not with the inputs.
 VOLATILE_KEYS = {"date", "start_time", "end_time", "total_evaluation_time_seconds",
@@ -109,14 +111,27 @@ class MLXLM(TemplateLM):
             else:
                 by_context[tuple(ctx)].append(i)
 
-        # Several continuations of one context (multiple choice): the context runs
-        # once and its KV cache, repeated per continuation, serves them all.
-        if self._plain_kv_cache:
+        # Several continuations of one context (multiple choice): each context runs
+        # once, left-padded in a batch with other questions' contexts; its KV cache is
+        # then repeated per continuation and all continuations run as one batch.
+        if self._batch_cache:
+            shared = []
             for ctx, idx in list(by_context.items()):
                 conts = [requests[i][2] for i in idx]
                 if len(idx) > 1 and len(ctx) + max(map(len, conts)) <= self.max_length + 1:
-                    self._score_shared_context(list(ctx), list(zip(idx, conts)), results)
+                    shared.append((list(ctx), list(zip(idx, conts))))
                     del by_context[ctx]
+            shared.sort(key=lambda g: len(g[0]))  # similar context lengths pad little
+            batch = []
+            for group in shared:
+                rows = sum(len(items) for _, items in batch + [group])
+                longest = max(len(ctx) for ctx, _ in batch + [group])
+                if batch and (rows > 4 * self.batch_size or longest * (len(batch) + 1) > TOKENS_PER_BATCH):
+                    self._score_contexts(batch, results)
+                    batch = []
+                batch.append(group)
+            if batch:
+                self._score_contexts(batch, results)
 
         # A row is one model input, (context + continuation)[:-1]. Continuations of a
         # context share a row when one input is a prefix of another: single-token
@@ -155,26 +170,34 @@ class MLXLM(TemplateLM):
         return results
 
     @functools.cached_property
-    def _plain_kv_cache(self) -> bool:
+    def _batch_cache(self) -> bool:
+        """Whether every layer keeps a plain KV cache, which mlx-lm's BatchKVCache can stand in for."""
         from mlx_lm.models.cache import KVCache, make_prompt_cache
 
         return all(type(c) is KVCache for c in make_prompt_cache(self.model))
 
-    def _score_shared_context(self, ctx: list[int], items: list[tuple[int, list[int]]], results) -> None:
-        """Score every continuation of one context: the context once, then all continuations in one batch."""
-        from mlx_lm.models.cache import make_prompt_cache
+    def _score_contexts(self, groups: list[tuple[list[int], list[tuple[int, list[int]]]]], results) -> None:
+        """groups: (context, [(request index, continuation)]). Two forward passes for all of them."""
+        from mlx_lm.models.cache import BatchKVCache
 
-        cache = make_prompt_cache(self.model)
-        # The context's last position predicts each continuation's first token.
-        first = self.model(mx.array(ctx)[None], cache=cache)[0, -1].astype(mx.float32)
-        self.tokens_fed += len(ctx) + sum(len(c) - 1 for _, c in items)
-        first = mx.broadcast_to(first, (len(items), first.shape[-1]))
+        longest_ctx = max(len(ctx) for ctx, _ in groups)
+        padding = [longest_ctx - len(ctx) for ctx, _ in groups]
+        tokens = np.zeros((len(groups), longest_ctx), dtype=np.int32)
+        for g, (ctx, _) in enumerate(groups):
+            tokens[g, padding[g]:] = ctx
+        cache = [BatchKVCache(padding) for _ in range(len(self.model.layers))]
+        # Each context's last position predicts its continuations' first tokens.
+        first = self.model(mx.array(tokens), cache=cache)[:, -1].astype(mx.float32)
+
+        owner = mx.array([g for g, (_, items) in enumerate(groups) for _ in items])
+        items = [item for _, its in groups for item in its]
+        first = first[owner]
         longest = max(len(c) for _, c in items)
+        self.tokens_fed += sum(len(ctx) for ctx, _ in groups) + sum(len(c) - 1 for _, c in items)
         if longest > 1:
-            for c in cache:  # one copy of the context's keys and values per continuation
-                k, v, offset = c.state
-                c.state = (mx.repeat(k[..., :offset, :], len(items), axis=0),
-                           mx.repeat(v[..., :offset, :], len(items), axis=0), offset)
+            for c in cache:  # one copy of a context's keys and values per continuation
+                c.keys, c.values = c.keys[owner], c.values[owner]
+                c.offset, c.left_padding = c.offset[owner], c.left_padding[owner]
             tokens = np.zeros((len(items), longest - 1), dtype=np.int32)
             for b, (_, cont) in enumerate(items):
                 tokens[b, :len(cont) - 1] = cont[:-1]  # right padding only follows what is scored

@@ -4,6 +4,7 @@ Accepted sources:
     hf://org/name[@revision]      a Hugging Face Hub repo, pinned to a full commit sha
     demo://tiny-llama[?seed=N]    the embedded random-init llama (tasks.demo_model)
     /abs, rel/path, file:///abs   a local directory in HF layout
+    /abs/model.gguf (same forms)  a local llama GGUF file, dequantized into HF layout (tasks.gguf)
 
 `resolve_source` is cheap (no weight download) and returns the parameters that
 identify the content, which go into the stage's cache key; `download` then
@@ -21,7 +22,7 @@ from prefect import task
 from storage.artifacts import ArtifactRef, Store, digest_files, file_sha256
 from tasks.stage import artifact_cache
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: .gguf sources
 
 # What mlx-lm needs to load a model and its tokenizer, and nothing else (no .bin/.pth/.gguf/onnx, no README).
 WEIGHTS = "model*.safetensors"  # mlx_lm.load globs this; it skips e.g. Mistral's duplicate consolidated.safetensors
@@ -35,7 +36,7 @@ MODEL_FILES = [
 HF_IGNORE = ["*/*"]
 
 ACCEPTED = ('"hf://org/name[@revision]", "demo://tiny-llama[?seed=N]", '
-            "or a local directory with config.json and model*.safetensors")
+            "a local directory with config.json and model*.safetensors, or a local llama .gguf file")
 DEMO_NAME = "tiny-llama"
 HF_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 FULL_SHA = re.compile(r"[0-9a-f]{40}")
@@ -93,13 +94,25 @@ def _resolve_local(source: str) -> dict:
         path = Path(unquote(url.path))
     else:
         path = Path(source).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _resolve_gguf(source, path.resolve())
     if not path.is_dir():
-        raise _bad(source, "not an existing directory")
+        raise _bad(source, "not an existing directory or .gguf file")
     names = _model_files(path)
     if not _is_complete(names):
         raise _bad(source, "the directory lacks config.json or model*.safetensors")
     path = path.resolve()
     return {"kind": "local", "path": str(path), "content": digest_files(_file_info(path, names))}
+
+
+def _resolve_gguf(source: str, path: Path) -> dict:
+    from tasks.gguf import GGUFError, gguf_info
+
+    try:
+        quantization = gguf_info(path)["quantization"]
+    except GGUFError as e:
+        raise _bad(source, str(e)) from None
+    return {"kind": "gguf", "path": str(path), "content": file_sha256(path), "quantization": quantization}
 
 
 def download(resolved: dict, out: Path) -> dict:
@@ -117,8 +130,14 @@ def download(resolved: dict, out: Path) -> dict:
         from tasks.demo_model import make_demo_model
 
         make_demo_model(out, seed=resolved["seed"])
+    elif kind == "gguf":
+        from tasks.gguf import convert_gguf
+
+        if file_sha256(Path(resolved["path"])) != resolved["content"]:
+            raise SourceError(f"{_describe(resolved)} changed since it was resolved; resolve it again")
+        converted = convert_gguf(resolved["path"], out)
     else:
-        raise SourceError(f"unknown resolved source kind {kind!r}; expected hf, demo or local")
+        raise SourceError(f"unknown resolved source kind {kind!r}; expected hf, demo, local or gguf")
 
     files = _file_info(out, _model_files(out))
     if not _is_complete(files):
@@ -129,6 +148,8 @@ def download(resolved: dict, out: Path) -> dict:
     info = {"source_kind": kind, "files": files, "bytes": sum(f["bytes"] for f in files.values())}
     if kind == "hf":
         info.update(repo=resolved["repo"], revision=resolved["revision"])
+    if kind == "gguf":
+        info["gguf"] = {k: converted[k] for k in ("quantization", "tensor_types", "dtype")}
     return info
 
 
@@ -172,6 +193,8 @@ def _describe(resolved: dict) -> str:
         return f"hf://{resolved['repo']}@{resolved['revision']}"
     if resolved["kind"] == "demo":
         return f"demo://{resolved['name']}?seed={resolved['seed']}"
+    if resolved["kind"] == "gguf":
+        return f"GGUF file {resolved['path']}"
     return f"local model directory {resolved['path']}"
 
 

