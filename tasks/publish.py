@@ -62,6 +62,10 @@ def model_card(params: dict, quantized: dict, smoke: dict, benchmark: dict) -> s
     where = (f"[{base}](https://huggingface.co/{base}) at revision `{source['revision']}`" if base
              else f"`{params['model']}` ({source.get('kind')} source, content digest `{quantized['inputs'][0]['digest'][:12]}`)")
     recipe = params["recipe"]
+    if source.get("kind") == "gguf":
+        where = (f"`{params['model']}`, a GGUF file already quantized at **{source['quantization']}** "
+                 f"(sha256 `{source['content'][:12]}`; its weights were dequantized, so they carry that rounding "
+                 f"and no recipe here is more precise than it)")
     lines = front + [
         f"# {name}", "",
         f"This model was quantized from {where} with the qsweep recipe **{recipe['name']}**"
