@@ -127,7 +127,7 @@ def main() -> None:
 
     print(f"\nmodel: {args.model or ('tiny demo model' + (' (wide)' if args.wide else ''))}  "
           f"task: {args.task}  limit: {args.limit}  best of {args.repeats}  "
-          f"qsweep backend: {ours.backend}  BLAS: {'OpenBLAS' if os.environ.get('QSWEEP_BLAS') == 'applied' else 'mlx bundled'}")
+          f"qsweep backend: {ours.weights}  BLAS: {'OpenBLAS' if os.environ.get('QSWEEP_BLAS') == 'applied' else 'mlx bundled'}")
     print(f"{'adapter':<30} {'eval s':>8} {'loglik s':>9} {'requests':>9} {'req/s':>9} {'acc':>7} {'acc_norm':>9}")
     for r in rows:
         n = len(r["scores"])

@@ -48,6 +48,7 @@ class RecipeSpec(Strict):
 class SmokeSpec(Strict):
     prompt: str = "What is the capital of France? Answer in one sentence."
     max_tokens: int = Field(48, ge=1, le=4096)
+    backend: Literal["auto", "native", "fp32"] = "auto"  # as for benchmark; quantized kernels crawl on a CPU
 
 
 class BenchmarkSpec(Strict):

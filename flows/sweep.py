@@ -71,7 +71,7 @@ def plan_cells(config: Sweep, resolved: dict, store: Store) -> list[dict]:
                 "source": resolved[m.name],
                 "settings": {
                     "recipe": recipe.params(),
-                    "smoke": config.smoke.model_dump(),
+                    "smoke": {**config.smoke.model_dump(), "backend": resolve_backend(config.smoke.backend)},
                     "benchmark": benchmark,
                     "publish": {
                         "model": m.name, "recipe": recipe.params(), "recipe_description": recipe.description,

@@ -19,7 +19,7 @@ from prefect import task
 from storage.artifacts import ArtifactRef, Store
 from tasks.stage import artifact_cache
 
-CODE_VERSION = "2"
+CODE_VERSION = "3"  # 3: lm-eval tokenises context and continuation jointly again
 LOCAL_TASKS = Path(__file__).parent / "data" / "lm_eval"
 
 DEFAULTS = {"tasks": [], "limit": None, "num_fewshot": 0, "chat_template": False, "seed": 0, "batch_size": 16,
@@ -29,10 +29,26 @@ DEFAULTS = {"tasks": [], "limit": None, "num_fewshot": 0, "chat_template": False
 BACKENDS = ("auto", "native", "fp32")
 
 
+def load_as(model_dir: Path, backend: str):
+    """mlx_lm.load, with the weights as the backend runs them."""
+    from mlx_lm import load
+    from mlx_lm.utils import dequantize_model
+
+    if backend not in ("native", "fp32"):
+        raise ValueError(f"backend {backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
+    model, tokenizer = load(str(model_dir))
+    if backend == "fp32":
+        # The same quantized weights, expanded: a CPU runs dense fp32 matmuls
+        # through BLAS far faster than quantized_matmul or bf16.
+        model = dequantize_model(model)
+        model.set_dtype(mx.float32)
+    return model, tokenizer
+
+
 def resolve_backend(backend: str) -> str:
     """'auto' is native on a GPU and fp32 on a CPU; resolved before keying, since results differ slightly."""
     if backend not in BACKENDS:
-        raise ValueError(f"benchmark backend {backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
+        raise ValueError(f"backend {backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
     return "native" if mx.default_device() == mx.gpu else "fp32"
@@ -51,20 +67,10 @@ class MLXLM(TemplateLM):
     backend = "causal"
 
     def __init__(self, model_dir: Path, batch_size: int = 16, max_length: int | None = None, backend: str = "native"):
-        from mlx_lm import load
-        from mlx_lm.utils import dequantize_model
-
         super().__init__()
         self.model_dir = Path(model_dir)
-        self.model, self.tokenizer = load(str(self.model_dir))
-        if backend == "fp32":
-            # The same quantized weights, expanded: a CPU runs dense fp32 matmuls
-            # through BLAS far faster than quantized_matmul or bf16.
-            self.model = dequantize_model(self.model)
-            self.model.set_dtype(mx.float32)
-        elif backend != "native":
-            raise ValueError(f"benchmark backend {backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
-        self.backend = backend
+        self.model, self.tokenizer = load_as(self.model_dir, backend)
+        self.weights = backend  # not `self.backend`: lm-eval reads that as "causal" or "seq2seq"
         self.tokens_fed = 0  # token positions run through the model, padding excluded: for throughput
         self.batch_size = batch_size
         config = json.loads((self.model_dir / "config.json").read_text())
@@ -337,7 +343,7 @@ def benchmark(model_dir: Path, params: dict, out: Path) -> list[dict]:
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=_json_default) + "\n")
     named = {t["run"]: t for t in plan}
     return [{**row, "task": named.get(row["task"], row)["task"], "data": named.get(row["task"], {}).get("data"),
-             "backend": lm.backend} for row in metric_rows(results)]
+             "backend": lm.weights} for row in metric_rows(results)]
 
 
 def metric_rows(results: dict) -> list[dict]:

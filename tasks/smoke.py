@@ -11,10 +11,12 @@ from pathlib import Path
 from prefect import task
 
 from storage.artifacts import ArtifactRef, Store
+from tasks.benchmark import load_as
 from tasks.stage import artifact_cache
 
 CODE_VERSION = "1"
-DEFAULTS = {"prompt": "What is the capital of France? Answer in one sentence.", "max_tokens": 48}
+# backend: as for the benchmark, native kernels or dequantized fp32 (the rows say which: speed differs)
+DEFAULTS = {"prompt": "What is the capital of France? Answer in one sentence.", "max_tokens": 48, "backend": "native"}
 
 
 def verdict(tokens: list[int], text: str) -> str:
@@ -33,11 +35,11 @@ def verdict(tokens: list[int], text: str) -> str:
 
 def smoke(model_dir: Path, params: dict, out: Path) -> dict:
     import mlx.core as mx
-    from mlx_lm import load, stream_generate
+    from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
     params = {**DEFAULTS, **params}
-    model, tokenizer = load(str(model_dir))
+    model, tokenizer = load_as(model_dir, params["backend"])
     chat = getattr(tokenizer, "chat_template", None) is not None
     if chat:
         prompt = tokenizer.apply_chat_template(
@@ -64,6 +66,7 @@ def smoke(model_dir: Path, params: dict, out: Path) -> dict:
         {"task": "smoke", "metric": "generated_tokens", "value": len(tokens)},
         {"task": "smoke", "metric": "degenerate", "value": 0.0 if judged == "ok" else 1.0},
     ]
+    rows = [{**row, "backend": params["backend"]} for row in rows]
     return {"metrics": rows, "verdict": judged, "text": text}
 
 
