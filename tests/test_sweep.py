@@ -35,7 +35,22 @@ def write_sweep(path: Path, models: dict, recipes=RECIPES, **extra) -> Path:
     return path
 
 
+WARM = "from prefect import flow; flow(lambda: None)()"
+
+
+def warm(prefect_home: Path) -> None:
+    """Create Prefect's database before a sweep uses it: Prefect 3's first start on a fresh
+    home can fail with 'database is locked' under load (seen here; not qsweep's doing)."""
+    if (prefect_home / "prefect.db").exists():
+        return
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home)}
+    for _ in range(3):
+        if subprocess.run([sys.executable, "-c", WARM], env=env, capture_output=True, timeout=300).returncode == 0:
+            return
+
+
 def qsweep(store: Path, *args, prefect_home: Path, env=None, wait=True):
+    warm(prefect_home)
     env = {**os.environ, "PREFECT_HOME": str(prefect_home), **(env or {})}
     cmd = [sys.executable, "-m", "flows.cli", "--store", str(store), *map(str, args)]
     if not wait:  # its own session, so that what it leaves behind can be cleaned up
