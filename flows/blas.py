@@ -9,6 +9,7 @@ hashed name; a folder of links in the virtualenv gives it the plain name.
 Set QSWEEP_BLAS=0 to run with mlx's own BLAS.
 """
 
+import contextlib
 import os
 import sys
 import sysconfig
@@ -25,7 +26,8 @@ def _links(bundled: Path) -> Path:
         for name in names:
             link = links / name
             if not link.exists():
-                link.symlink_to(lib)
+                with contextlib.suppress(FileExistsError):  # another qsweep starting at the same time
+                    link.symlink_to(lib)
     return links
 
 
