@@ -17,6 +17,14 @@ def default_store() -> str:
     return os.environ.get("QSWEEP_STORE", ".qsweep")
 
 
+def history(store: str):
+    """The store's metric history; where the file lies is the store's business (Store.metrics_db)."""
+    from storage.artifacts import Store
+    from storage.metrics import MetricStore
+
+    return MetricStore(Store(store).metrics_db)
+
+
 def format_value(v) -> str:
     if v is None:
         return ""
@@ -53,9 +61,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from storage.metrics import MetricStore
-
-    db = MetricStore(Path(args.store) / "metrics.duckdb")
+    db = history(args.store)
     try:
         _, runs = db.query("SELECT run_id, sweep, status, started, finished, cells FROM runs ORDER BY started DESC LIMIT 1")
     except FileNotFoundError as e:
@@ -76,10 +82,8 @@ def cmd_status(args) -> int:
 
 
 def cmd_sql(args) -> int:
-    from storage.metrics import MetricStore
-
     try:
-        columns, rows = MetricStore(Path(args.store) / "metrics.duckdb").query(args.query)
+        columns, rows = history(args.store).query(args.query)
     except Exception as e:  # a SQL error is the user's to read, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
