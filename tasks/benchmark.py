@@ -12,14 +12,16 @@ from importlib.metadata import version
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from lm_eval.api.model import TemplateLM
 from prefect import task
 
 from storage.artifacts import ArtifactRef, Store
+from tasks import cpu
 from tasks.stage import artifact_cache
 
-CODE_VERSION = "3"  # 3: lm-eval tokenises context and continuation jointly again
+CODE_VERSION = "4"  # 4: packed rows; on a CPU, fp32 SiLU and logsumexp through tasks.cpu
 LOCAL_TASKS = Path(__file__).parent / "data" / "lm_eval"
 
 DEFAULTS = {"tasks": [], "limit": None, "num_fewshot": 0, "chat_template": False, "seed": 0, "batch_size": 16,
@@ -55,8 +57,13 @@ def resolve_backend(backend: str) -> str:
 # Mean metrics (acc, acc_norm) get a closed-form stderr; this only drives the
 # bootstrapped ones (perplexity, f1, ...), whose resampling is seeded by lm-eval.
 BOOTSTRAP_ITERS = 1000
-# Context tokens (padding included) in one batched prefill: bounds memory, keeps GEMMs large.
+# Token positions (padding included) in one forward pass: bounds memory, keeps GEMMs large.
 TOKENS_PER_BATCH = 4096
+# Questions share a row up to this many tokens: long enough to pack well, short enough that
+# attention (quadratic in the row) stays small beside the matmuls.
+ROW_TOKENS = 64
+# A stream gets at least this many context tokens, or matmuls get too thin to pay for the split.
+MIN_TOKENS_PER_STREAM = 128
 # Top-level fields of lm-eval's results that change with the clock, machine or
 # checkout, not with the inputs.
 VOLATILE_KEYS = {"date", "start_time", "end_time", "total_evaluation_time_seconds",
@@ -70,6 +77,8 @@ class MLXLM(TemplateLM):
         super().__init__()
         self.model_dir = Path(model_dir)
         self.model, self.tokenizer = load_as(self.model_dir, backend)
+        cpu.fast_swiglu(self.model)
+        self._streams = cpu.streams()
         self.weights = backend  # not `self.backend`: lm-eval reads that as "causal" or "seq2seq"
         self.tokens_fed = 0  # token positions run through the model, padding excluded: for throughput
         self.batch_size = batch_size
@@ -117,27 +126,21 @@ class MLXLM(TemplateLM):
             else:
                 by_context[tuple(ctx)].append(i)
 
-        # Several continuations of one context (multiple choice): each context runs
-        # once, left-padded in a batch with other questions' contexts; its KV cache is
-        # then repeated per continuation and all continuations run as one batch.
-        if self._batch_cache:
-            shared = []
+        # Several continuations of one context (multiple choice): the context and all its
+        # continuations are packed into a row, several questions to a row, and run in one
+        # pass; a mask lets each continuation see its context and itself only, at the
+        # positions it would have alone. Rows are filled to about the same length.
+        if self._packing:
+            packed = []
             for ctx, idx in list(by_context.items()):
                 conts = [requests[i][2] for i in idx]
                 if len(idx) > 1 and len(ctx) + max(map(len, conts)) <= self.max_length + 1:
-                    shared.append((list(ctx), list(zip(idx, conts))))
+                    packed.append((list(ctx), list(zip(idx, conts))))
                     del by_context[ctx]
-            shared.sort(key=lambda g: len(g[0]))  # similar context lengths pad little
-            batch = []
-            for group in shared:
-                rows = sum(len(items) for _, items in batch + [group])
-                longest = max(len(ctx) for ctx, _ in batch + [group])
-                if batch and (rows > 4 * self.batch_size or longest * (len(batch) + 1) > TOKENS_PER_BATCH):
-                    self._score_contexts(batch, results)
-                    batch = []
-                batch.append(group)
-            if batch:
-                self._score_contexts(batch, results)
+            rows = _fill_rows(packed)
+            per_batch = max(1, min(4 * self.batch_size, TOKENS_PER_BATCH // max(map(_row_length, rows), default=1)))
+            for start in range(0, len(rows), per_batch):
+                self._score_rows(rows[start:start + per_batch], results)
 
         # A row is one model input, (context + continuation)[:-1]. Continuations of a
         # context share a row when one input is a prefix of another: single-token
@@ -176,55 +179,117 @@ class MLXLM(TemplateLM):
         return results
 
     @functools.cached_property
-    def _batch_cache(self) -> bool:
-        """Whether every layer keeps a plain KV cache, which mlx-lm's BatchKVCache can stand in for."""
+    def _trunk_and_head(self):
+        """(trunk, head) with model(x) == head(trunk(x)), checked on a probe; else (model, identity).
+
+        The vocabulary projection (and the log-softmax after it) then runs only at the
+        positions whose log-probs are read, not at every context token.
+        """
+        trunk, head = getattr(self.model, "model", None), getattr(self.model, "lm_head", None)
+        if head is None and trunk is not None and hasattr(getattr(trunk, "embed_tokens", None), "as_linear"):
+            head = trunk.embed_tokens.as_linear
+        if trunk is not None and head is not None:
+            probe = mx.array([[self.prefix_token_id, 0, 1, 2]])
+            try:
+                if mx.array_equal(self.model(probe), head(trunk(probe))).item():
+                    return trunk, head
+            except Exception:  # a model built another way: score it whole
+                pass
+        return self.model, lambda h: h
+
+    @functools.cached_property
+    def _packing(self) -> bool:
+        """Whether packed rows score as the model would alone: checked on a probe, with RoPE made position-aware.
+
+        Needs plain KV caches (no sliding window) and attention modules with a `rope`
+        that takes an offset, as mlx-lm's llama-family models have; else rows are not packed.
+        """
         from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-        return all(type(c) is KVCache for c in make_prompt_cache(self.model))
+        attention = [getattr(layer, "self_attn", None) for layer in self.model.layers]
+        if not all(type(c) is KVCache for c in make_prompt_cache(self.model)) or not all(
+                hasattr(a, "rope") for a in attention):
+            return False
+        for a in attention:
+            if not isinstance(a.rope, _PositionedRoPE):
+                a.rope = _PositionedRoPE(a.rope)
+        ctx, conts = [self.prefix_token_id, 3, 4, 5, 6], [[7, 8], [9], [10, 11, 12]]
+        got, fed = [0.0] * len(conts), self.tokens_fed
+        owner, logprobs, _ = self._packed_graph([[(ctx, list(enumerate(conts)))]])
+        for b, lp in zip(owner, np.array(logprobs).tolist()):
+            got[b] += lp
+        self.tokens_fed = fed  # the probe is not throughput
+        for cont, lp in zip(conts, got):
+            logits = self.model(mx.array([ctx + cont[:-1]]))[0, len(ctx) - 1:].astype(mx.float32)
+            want = (mx.take_along_axis(logits, mx.array(cont)[:, None], axis=-1)[:, 0]
+                    - mx.logsumexp(logits, axis=-1)).sum().item()
+            if not abs(lp - want) <= 1e-3 * max(1.0, abs(want)):
+                return False
+        return True
 
-    def _score_contexts(self, groups: list[tuple[list[int], list[tuple[int, list[int]]]]], results) -> None:
-        """groups: (context, [(request index, continuation)]). Two forward passes for all of them."""
-        from mlx_lm.models.cache import BatchKVCache
+    def _score_rows(self, rows: list[list[tuple[list[int], list[tuple[int, list[int]]]]]], results) -> None:
+        """rows: [[(context, [(request index, continuation)])]]. Split over the streams, evaluated together."""
+        n = max(1, min(len(self._streams), len(rows), sum(map(_row_length, rows)) // MIN_TOKENS_PER_STREAM))
+        pending = []
+        with cpu.blas_threads(1 if n > 1 else None):
+            for stream, part in zip(self._streams, _split(rows, n)):
+                with mx.stream(stream):
+                    pending.append((part, *self._packed_graph(part)))
+            mx.eval([arrays for _, *arrays in pending])
+        for part, owner, logprobs, greedy in pending:
+            items = [i for row in part for _, its in row for i, _ in its]
+            owner, logprobs, greedy = np.array(owner), np.array(logprobs, dtype=np.float64), np.array(greedy)
+            totals = np.bincount(owner, weights=logprobs, minlength=len(items))
+            misses = np.bincount(owner, weights=~greedy, minlength=len(items))
+            for b, i in enumerate(items):
+                results[i] = (float(totals[b]), bool(misses[b] == 0))
 
-        longest_ctx = max(len(ctx) for ctx, _ in groups)
-        padding = [longest_ctx - len(ctx) for ctx, _ in groups]
-        tokens = np.zeros((len(groups), longest_ctx), dtype=np.int32)
-        for g, (ctx, _) in enumerate(groups):
-            tokens[g, padding[g]:] = ctx
-        cache = [BatchKVCache(padding) for _ in range(len(self.model.layers))]
-        # Each context's last position predicts its continuations' first tokens.
-        first = self.model(mx.array(tokens), cache=cache)[:, -1].astype(mx.float32)
+    def _packed_graph(self, rows):
+        """The lazy graph scoring every continuation in these rows in one forward pass.
 
-        owner = mx.array([g for g, (_, items) in enumerate(groups) for _ in items])
-        items = [item for _, its in groups for item in its]
-        first = first[owner]
-        longest = max(len(c) for _, c in items)
-        self.tokens_fed += sum(len(ctx) for ctx, _ in groups) + sum(len(c) - 1 for _, c in items)
-        if longest > 1:
-            for c in cache:  # one copy of a context's keys and values per continuation
-                c.keys, c.values = c.keys[owner], c.values[owner]
-                c.offset, c.left_padding = c.offset[owner], c.left_padding[owner]
-            tokens = np.zeros((len(items), longest - 1), dtype=np.int32)
-            for b, (_, cont) in enumerate(items):
-                tokens[b, :len(cont) - 1] = cont[:-1]  # right padding only follows what is scored
-            rest = self.model(mx.array(tokens), cache=cache).astype(mx.float32)
-            logits = mx.concatenate([first[:, None], rest], axis=1)
-        else:
-            logits = first[:, None]
-        targets = np.zeros((len(items), longest), dtype=np.int32)
-        for b, (_, cont) in enumerate(items):
-            targets[b, :len(cont)] = cont
-        targets = mx.array(targets)
-        logprobs = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - mx.logsumexp(logits, axis=-1)
-        greedy = mx.argmax(logits, axis=-1) == targets
-        mx.eval(logprobs, greedy)
-        logprobs, greedy = np.array(logprobs, dtype=np.float64), np.array(greedy)
-        for b, (i, cont) in enumerate(items):
-            n = len(cont)
-            results[i] = (float(logprobs[b, :n].sum()), bool(greedy[b, :n].all()))
+        A question in a row is its context followed by each continuation minus its last
+        token. Returns (owner, log-prob, greedy) per scored token, owner numbering the
+        continuations in row order.
+        """
+        trunk, head = self._trunk_and_head
+        width = max(map(_row_length, rows))
+        tokens = np.zeros((len(rows), width), dtype=np.int32)
+        positions = np.zeros((len(rows), width), dtype=np.int32)
+        # Per position: its segment (a context or one continuation) and its question's context
+        # segment; padding is segment -1, a question of its own.
+        segment = np.full((len(rows), width), -1, dtype=np.int32)
+        context = np.full((len(rows), width), -1, dtype=np.int32)
+        owner, where, targets, item, seg = [], [], [], 0, 0
+        for r, row in enumerate(rows):
+            end = 0
+            for ctx, items in row:
+                n, start, ctx_seg = len(ctx), end, seg
+                tokens[r, end:end + n], positions[r, end:end + n] = ctx, np.arange(n)
+                segment[r, end:end + n] = context[r, end:end + n] = ctx_seg
+                end, seg = end + n, seg + 1
+                for _, cont in items:
+                    k = len(cont) - 1
+                    tokens[r, end:end + k], positions[r, end:end + k] = cont[:-1], n + np.arange(k)
+                    segment[r, end:end + k], context[r, end:end + k] = seg, ctx_seg
+                    # cont[0] is predicted at the context's last position, cont[j] at cont[j-1]'s
+                    where += [r * width + start + n - 1] + [r * width + end + j for j in range(k)]
+                    targets += cont
+                    owner += [item] * len(cont)
+                    item, end, seg = item + 1, end + k, seg + 1
+        self.tokens_fed += int((segment >= 0).sum())
+        # Causal in packed order; a position sees its own segment and its question's context.
+        mask = np.tril(np.ones((width, width), dtype=bool)) & (
+            (segment[:, None, :] == segment[:, :, None]) | (segment[:, None, :] == context[:, :, None]))
+        hidden = trunk(mx.array(tokens), cache=[_PackedRows(mx.array(mask[:, None]), mx.array(positions))
+                                                 for _ in self.model.layers])
+        logits = head(hidden.reshape(-1, hidden.shape[-1])[mx.array(where)]).astype(mx.float32)
+        target = mx.array(targets)
+        logprobs = mx.take_along_axis(logits, target[:, None], axis=-1)[:, 0] - cpu.logsumexp(logits)
+        return owner, logprobs, mx.argmax(logits, axis=-1) == target
 
     def _score_batch(self, rows, slots, results) -> None:
         """One right-padded forward pass; gather the log-probs of every scored token."""
+        trunk, head = self._trunk_and_head
         tokens = np.zeros((len(rows), max(map(len, rows))), dtype=np.int32)
         for b, row in enumerate(rows):
             tokens[b, :len(row)] = row
@@ -232,9 +297,9 @@ class MLXLM(TemplateLM):
         p_idx = np.concatenate([np.arange(pos, pos + len(c)) for _, _, pos, c in slots])
         targets = mx.array(np.concatenate([c for *_, c in slots]).astype(np.int32))
 
-        logits = self.model(mx.array(tokens))
+        hidden = trunk(mx.array(tokens))
         self.tokens_fed += sum(map(len, rows))
-        picked = logits[mx.array(b_idx), mx.array(p_idx)].astype(mx.float32)
+        picked = head(hidden[mx.array(b_idx), mx.array(p_idx)]).astype(mx.float32)
         logprobs = mx.take_along_axis(picked, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(picked, axis=-1)
         greedy = mx.argmax(picked, axis=-1) == targets
         mx.eval(logprobs, greedy)
@@ -283,6 +348,77 @@ class MLXLM(TemplateLM):
                 text = text.split(u, 1)[0]
             outputs.append(text)
         return outputs
+
+
+def _split(rows: list, n: int) -> list[list]:
+    """n runs of consecutive rows with about equal token counts."""
+    cost = list(map(_row_length, rows))
+    target, parts, acc = sum(cost) / n, [[] for _ in range(n)], 0.0
+    for row, c in zip(rows, cost):
+        parts[min(n - 1, int(acc / target))].append(row)
+        acc += c
+    return [p for p in parts if p]
+
+
+def _fill_rows(groups: list) -> list[list]:
+    """First-fit decreasing: questions into rows of ROW_TOKENS (or the longest question), longest rows first.
+
+    Only the last few rows are tried, so that a task of many thousand questions packs in linear time.
+    """
+    groups = sorted(groups, key=_packed_length, reverse=True)
+    width = max([ROW_TOKENS] + [_packed_length(g) for g in groups[:1]])
+    rows, room = [], []
+    for g in groups:
+        n = _packed_length(g)
+        r = next((r for r in range(max(0, len(rows) - 32), len(rows)) if room[r] >= n), None)
+        if r is None:
+            rows.append([])
+            room.append(width)
+            r = len(rows) - 1
+        rows[r].append(g)
+        room[r] -= n
+    return rows
+
+
+def _row_length(row) -> int:
+    return sum(map(_packed_length, row))
+
+
+def _packed_length(group) -> int:
+    ctx, items = group
+    return len(ctx) + sum(len(cont) - 1 for _, cont in items)
+
+
+class _PackedRows:
+    """Stands in for every layer's KV cache in a packed pass: keeps nothing, gives the mask and positions.
+
+    mlx-lm's attention asks its cache for the mask (make_mask) and passes cache.offset
+    to RoPE; here the offset is a (batch, length) array of per-token positions.
+    """
+
+    def __init__(self, mask: mx.array, positions: mx.array):
+        self.mask, self.offset = mask, positions
+
+    def update_and_fetch(self, keys, values):
+        return keys, values
+
+    def make_mask(self, *args, **kwargs):
+        return self.mask
+
+
+class _PositionedRoPE(nn.Module):
+    """A model's RoPE, also taking per-token positions: each token rotated as a batch row of its own."""
+
+    def __init__(self, rope):
+        super().__init__()
+        self.inner = rope
+
+    def __call__(self, x, offset=0):
+        if isinstance(offset, mx.array) and offset.ndim == 2:
+            B, H, L, D = x.shape
+            rows = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
+            return self.inner(rows, offset=offset.reshape(-1)).reshape(B, L, H, D).transpose(0, 2, 1, 3)
+        return self.inner(x, offset=offset)
 
 
 def _context_length(config: dict) -> int:

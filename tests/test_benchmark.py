@@ -108,6 +108,46 @@ def test_batched_loglikelihood_matches_naive(lm):
         assert greedy == want_greedy, pair
 
 
+PAIRS = [
+    ("The sun rises in the", " east"),
+    ("The sun rises in the", " west and sets in the east"),
+    ("The sun rises in the", " north"),
+    ("Question: What is two plus two?\nAnswer:", " four"),
+    ("Question: What is two plus two?\nAnswer:", " five apples and a pear"),
+    ("Question: What is ice?\nAnswer:", " frozen water"),
+    ("Question: What is ice?\nAnswer:", " a kind of gas from the sun"),
+    ("Question: What is ice?\nAnswer:", " fire"),
+    ("Where do fish live?", " in water"),
+    ("Where do fish live?", " in trees"),
+]
+
+
+@pytest.mark.parametrize("row_tokens, min_stream_tokens", [(64, 1), (0, 1), (64, 10_000)])
+def test_packed_rows_and_streams_score_each_question_as_alone(lm, monkeypatch, row_tokens, min_stream_tokens):
+    """Several questions to a row, rows split over CPU streams: every answer scores as in its own forward pass."""
+    import tasks.benchmark as benchmark_module
+
+    monkeypatch.setattr(benchmark_module, "ROW_TOKENS", row_tokens)
+    monkeypatch.setattr(benchmark_module, "MIN_TOKENS_PER_STREAM", min_stream_tokens)
+    monkeypatch.setattr(lm, "_streams", [mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)])
+    assert lm._packing
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(PAIRS)], disable_tqdm=True)
+    for pair, (logprob, greedy) in zip(PAIRS, got):
+        want_logprob, want_greedy = naive_loglikelihood(lm, *pair)
+        assert logprob == pytest.approx(want_logprob, abs=1e-4), pair
+        assert greedy == want_greedy, pair
+
+
+def test_unpacked_path_gives_the_same_scores(tiny_model):
+    """A model whose rows cannot be packed (checked on a probe) is scored row by row, to the same numbers."""
+    packed, plain = MLXLM(tiny_model, batch_size=3), MLXLM(tiny_model, batch_size=3)
+    plain.__dict__["_packing"] = False
+    requests = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(PAIRS)]
+    for (a, greedy_a), (b, greedy_b) in zip(packed.loglikelihood(requests), plain.loglikelihood(requests)):
+        assert a == pytest.approx(b, abs=1e-4)
+        assert greedy_a == greedy_b
+
+
 def test_greedy_flag(lm):
     ctx = lm.tok_encode("The moon goes around the")
     greedy = []

@@ -32,3 +32,11 @@ def test_openblas_is_interposed_and_computes_the_same_product(tmp_path):
 def test_qsweep_blas_0_turns_it_off(monkeypatch):
     monkeypatch.setenv("QSWEEP_BLAS", "0")
     assert blas_env() is None
+
+
+@pytest.mark.skipif(blas_env() is None, reason="no OpenBLAS to interpose here (not a Linux CPU build of mlx)")
+def test_malloc_keeps_freed_blocks_unless_the_user_says_otherwise(monkeypatch):
+    env = blas_env()
+    assert int(env["MALLOC_MMAP_THRESHOLD_"]) >= 64 << 20 and int(env["MALLOC_TRIM_THRESHOLD_"]) >= 1 << 30
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
+    assert blas_env()["MALLOC_TRIM_THRESHOLD_"] == "12345"
