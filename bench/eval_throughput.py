@@ -45,14 +45,17 @@ WIDE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
             num_attention_heads=8, num_key_value_heads=4, head_dim=32)
 
 
-def gemm_gflops(n: int = 1024, repeats: int = 10) -> float:
-    """This machine's fp32 matmul rate through mlx, in GFLOP/s."""
+def gemm_gflops(n: int = 1024, repeats: int = 10, tries: int = 5) -> float:
+    """This machine's fp32 matmul rate through mlx, in GFLOP/s: the best of several tries, so the limit is not understated."""
     a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
     mx.eval(a @ b)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        mx.eval(a @ b)
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+    best = float("inf")
+    for _ in range(tries):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            mx.eval(a @ b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 * repeats / best / 1e9
 
 
 def matmul_params(model) -> int:
