@@ -42,8 +42,9 @@ def cell(store: str, run_id: str, model: str, recipe: str, source: dict, setting
         ref = state.result()
         cached = ref.reused or state.name == "Cached"
         history.record_stage(run_id, model, recipe, name, ref.key, "done", cached, seconds)
-        rows = artifacts.manifest(ref)["info"].get("metrics", [])
-        history.record_metrics(run_id, model, recipe, name, ref.key, rows)
+        info = artifacts.manifest(ref)["info"]
+        history.record_metrics(run_id, model, recipe, name, ref.key, info.get("metrics", []))
+        history.record_layers(model, recipe, ref.key, info.get("plan", []))
         return ref
 
     base = stage("download", download_task, key_params(source), [], resolved=source)

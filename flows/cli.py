@@ -99,13 +99,55 @@ def cmd_sql(args) -> int:
 
 
 def cmd_recipes(args) -> int:
-    from tasks.recipes import BUILTINS, REFERENCE_SHAPES, bits_per_weight
+    from tasks.plan import REFERENCE_SHAPES, bits_per_weight
+    from tasks.recipes import BUILTINS
 
     print(f"bits per weight estimated on a {REFERENCE_SHAPES['layers']}-layer llama "
-          f"(hidden {REFERENCE_SHAPES['hidden']}, vocab {REFERENCE_SHAPES['vocab']}), scales included\n")
+          f"(hidden {REFERENCE_SHAPES['hidden']}, vocab {REFERENCE_SHAPES['vocab']}), scales included; "
+          f"`qsweep recipes show NAME --model PATH` for a given model\n")
     rows = [[r.name, f"{bits_per_weight(r):.2f}", r.description] for r in BUILTINS.values()]
     print(format_table(["recipe", "bpw", "what it does"], rows))
     return 0
+
+
+def cmd_recipes_show(args) -> int:
+    """The per-module plan of a recipe (a built-in's name or a file) for a model, from its config alone."""
+    from tasks.plan import format_plan, plan_for, reference_plan
+    from tasks.recipes import RECIPE_DIR, RecipeError, get_recipe
+
+    try:
+        recipe = get_recipe(args.recipe)
+        plan = plan_for(recipe, args.model) if args.model else reference_plan(recipe)
+    except (RecipeError, ValueError, OSError) as e:
+        print(f"qsweep recipes show: {e}", file=sys.stderr)
+        return 2
+    builtin = RECIPE_DIR / f"{recipe.name}.yaml"
+    print(f"recipe {recipe.name}: {recipe.description}" + (f"\n  (file to copy: {builtin})" if builtin.exists() else ""))
+    print(f"model: {args.model or 'reference shapes (SmolLM2-135M)'}\n")
+    print(format_plan(plan))
+    for warning in plan.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def cmd_recipes_check(args) -> int:
+    """Validate recipe files; with --model, also resolve them and report rules that match nothing and fallbacks."""
+    from tasks.plan import plan_for
+    from tasks.recipes import RecipeError, load_recipe
+
+    status = 0
+    for path in args.files:
+        try:
+            recipe = load_recipe(path)
+            warnings = plan_for(recipe, args.model).warnings() if args.model else []
+        except (RecipeError, ValueError, OSError) as e:
+            print(f"{e}", file=sys.stderr)
+            status = 1
+            continue
+        for warning in warnings:
+            print(f"{path}: warning: {warning}", file=sys.stderr)
+        print(f"{path}: ok ({recipe.name})")
+    return status
 
 
 def main(argv=None) -> int:
@@ -128,8 +170,17 @@ def main(argv=None) -> int:
     p.add_argument("query")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(fn=cmd_sql)
-    p = sub.add_parser("recipes", help="the built-in recipes")
+    p = sub.add_parser("recipes", help="the built-in recipes; `show` a plan, `check` recipe files")
     p.set_defaults(fn=cmd_recipes)
+    verbs = p.add_subparsers(dest="verb")
+    v = verbs.add_parser("show", help="the per-module plan of a recipe for a model (from its config; no weights)")
+    v.add_argument("recipe", help="a built-in's name or a recipe file")
+    v.add_argument("--model", help="a model directory, a .gguf file or demo://... (default: reference shapes)")
+    v.set_defaults(fn=cmd_recipes_show)
+    v = verbs.add_parser("check", help="validate recipe files")
+    v.add_argument("files", nargs="+", type=Path)
+    v.add_argument("--model", help="also resolve them for this model: rules matching nothing, fallbacks")
+    v.set_defaults(fn=cmd_recipes_check)
 
     args = parser.parse_args(argv)
     return args.fn(args)

@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union, get_args
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.recipes import BUILTINS, Recipe, RecipeError, Rule, get_recipe
+from tasks.recipes import Recipe, RecipeSpec, get_recipe, recipe_from_spec, with_calibration_digest
 
 
 class SweepError(ValueError):
@@ -25,24 +25,6 @@ class Strict(BaseModel):
 class ModelSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     source: str  # hf://org/name[@revision], demo://tiny-llama, or a local directory
-
-
-class RuleSpec(Strict):
-    match: str
-    bits: int | None = None
-    group_size: int | None = None
-    mode: str | None = None
-    keep: bool = False
-
-
-class RecipeSpec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    bits: int | None
-    group_size: int = 64
-    mode: str = "affine"
-    dtype: str = "bfloat16"
-    rules: list[RuleSpec] = []
-    description: str = ""
 
 
 class SmokeSpec(Strict):
@@ -111,14 +93,13 @@ def _check_recipe(r):
 
 
 def recipe_name(r) -> str:
-    return r if isinstance(r, str) else r.name
+    return get_recipe(r).name if isinstance(r, str) else r.name
 
 
 def to_recipe(spec: RecipeSpec) -> Recipe:
-    return Recipe(
-        name=spec.name, bits=spec.bits, group_size=spec.group_size, mode=spec.mode, dtype=spec.dtype,
-        rules=tuple(Rule(**r.model_dump()) for r in spec.rules), description=spec.description,
-    )
+    recipe = recipe_from_spec(spec).check()
+    # a learned recipe's calibration text: relative paths from where qsweep runs; its digest joins the key
+    return with_calibration_digest(recipe, Path(".")) if recipe.calibration else recipe
 
 
 def _fields_at(loc) -> list[str]:

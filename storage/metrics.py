@@ -55,6 +55,22 @@ CREATE TABLE IF NOT EXISTS metrics (
 -- how a benchmark number was made: compare rows only where these agree
 ALTER TABLE metrics ADD COLUMN IF NOT EXISTS backend VARCHAR;   -- native | fp32
 ALTER TABLE metrics ADD COLUMN IF NOT EXISTS data VARCHAR;      -- data source and split
+-- Each quantized artifact's plan as stored: which module got which bits, and why.
+CREATE TABLE IF NOT EXISTS recipe_layers (
+    model VARCHAR,
+    recipe VARCHAR,
+    artifact_key VARCHAR,
+    path VARCHAR,            -- module path, e.g. model.layers.3.self_attn.v_proj
+    layer INTEGER,           -- its layer index; NULL for embeddings and lm_head
+    out_features BIGINT,
+    in_features BIGINT,
+    bits INTEGER,            -- NULL: left in float
+    group_size INTEGER,
+    mode VARCHAR,            -- affine | mxfp4 | nvfp4 | mxfp8, or the float dtype
+    source VARCHAR,          -- default | rule N | model | fallback
+    note VARCHAR,
+    PRIMARY KEY (artifact_key, path)
+);
 -- The metrics of each cell's stages as last done: old rows from earlier settings stay in `metrics`.
 CREATE OR REPLACE VIEW latest_metrics AS
 WITH latest AS (
@@ -119,6 +135,17 @@ class MetricStore:
                 " backend, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?, ?) ON CONFLICT DO NOTHING",
                 [[model, recipe, stage, r["task"], r["metric"], r["value"], r.get("stderr"), r.get("n"), artifact_key, run_id,
                   r.get("backend"), r.get("data")] for r in rows],
+            )
+
+    def record_layers(self, model, recipe, artifact_key, rows: list[dict]):
+        """A quantized artifact's per-module plan; recorded once per artifact."""
+        if not rows:
+            return
+        with self.connect() as con:
+            con.executemany(
+                "INSERT INTO recipe_layers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [[model, recipe, artifact_key, r["path"], r["layer"], r["out_features"], r["in_features"], r["bits"],
+                  r["group_size"], r["mode"], r["source"], r["note"]] for r in rows],
             )
 
     def query(self, sql: str, params=None) -> tuple[list[str], list[tuple]]:

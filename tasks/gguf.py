@@ -50,6 +50,13 @@ def gguf_info(path) -> dict:
     return _info(meta, tensors)
 
 
+def gguf_config(path) -> dict:
+    """The config.json that convert_gguf would write, from the header only."""
+    meta, tensors, _ = _read_header(Path(path))
+    _check(Path(path).name, meta, tensors)
+    return _config(meta, tensors)
+
+
 def convert_gguf(path, out_dir) -> dict:
     """Write config.json, model*.safetensors and tokenizer files for the llama GGUF at `path` into `out_dir`."""
     import gguf

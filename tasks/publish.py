@@ -35,13 +35,13 @@ def _size(n: float) -> str:
 
 
 def _layer_summary(layers: dict, defaults: dict) -> list[str]:
-    by_bits = Counter((v["bits"], v["group_size"], v["mode"]) for v in layers.values())
+    by_bits = Counter((v["bits"], v["group_size"], v.get("mode", "affine")) for v in layers.values())
     lines = []
     if defaults.get("bits"):
         lines.append(f"- default: {defaults['bits']}-bit {defaults.get('mode', 'affine')}, group size {defaults['group_size']}")
     for (bits, gs, mode), count in sorted(by_bits.items(), reverse=True):
         examples = sorted({".".join(p for p in k.split(".") if not p.isdigit()) for k, v in layers.items()
-                           if (v["bits"], v["group_size"], v["mode"]) == (bits, gs, mode)})
+                           if (v["bits"], v["group_size"], v.get("mode", "affine")) == (bits, gs, mode)})
         lines.append(f"- {bits}-bit {mode}, group size {gs}: {count} modules ({', '.join(examples)})")
     return lines or ["- no quantization"]
 

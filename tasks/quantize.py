@@ -1,33 +1,82 @@
 """quantize: base model (HF layout) + recipe -> a model in mlx-lm's layout.
 
-mlx_lm.convert does the work, with the recipe's rules as its quant_predicate,
-so what we write is exactly what mlx-lm writes and what mlx_lm.load opens.
+mlx_lm.convert does the work, with the recipe's resolved plan (tasks/plan.py) as
+its quant_predicate, so what we write is exactly what mlx-lm writes and what
+mlx_lm.load opens. Learned recipes (GPTQ, AWQ) go through mlx-lm's own
+implementations instead (tasks/learned.py).
 """
 
 import contextlib
 import io
-import json
+import logging
 import shutil
 from pathlib import Path
 
 from prefect import task
 
 from storage.artifacts import ArtifactRef, Store
+from tasks.plan import plan_for
 from tasks.recipes import Recipe
 from tasks.stage import artifact_cache
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: plans with layer selectors and fallbacks; learned recipes; layer entries carry a mode
+log = logging.getLogger(__name__)
 
 
 def quantize(base_dir: Path, recipe: Recipe, out: Path) -> dict:
-    from mlx_lm import convert
     from mlx_lm.utils import compute_bits_per_weight, load_model
 
-    predicate = None
-    if recipe.rules and recipe.quantizes_any:
-        # A predicate we pass replaces the model's own; keep its choices for what no rule matches.
-        model, _ = load_model(base_dir, lazy=True)
-        predicate = recipe.quant_predicate(getattr(model, "quant_predicate", None))
+    plan = plan_for(recipe, base_dir)
+    for warning in plan.warnings():
+        log.warning(warning)
+    if recipe.method:
+        from tasks.learned import learned_quantize
+        from tasks.recipes import calibration_path
+
+        calibration = {**recipe.calibration, "text": calibration_path(recipe.calibration["text"])}
+        want = calibration.pop("sha256", None)
+        learned = learned_quantize(base_dir, out, recipe.method, recipe.bits, recipe.group_size, calibration)
+        if want and learned["calibration"]["sha256"] != want:
+            raise ValueError(f"recipe {recipe.name!r}: calibration.text {recipe.calibration['text']} changed "
+                             "since the recipe was read (its digest is part of the key)")
+    else:
+        learned = None
+        _convert(base_dir, recipe, plan, out)
+
+    model, config = load_model(out, lazy=True)
+    weight_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    quantization = config.get("quantization", {})
+    # mlx-lm's GPTQ writes layer entries without a mode: affine is what mlx_lm.load assumes then
+    layers = {k: {"mode": "affine", **v} for k, v in quantization.items() if isinstance(v, dict)}
+    rows = [
+        {"task": "model", "metric": "bits_per_weight", "value": round(float(compute_bits_per_weight(model)), 4)},
+        {"task": "model", "metric": "weight_bytes", "value": weight_bytes},
+        {"task": "model", "metric": "disk_bytes", "value": sum(f.stat().st_size for f in out.iterdir() if f.is_file())},
+    ]
+    return {
+        "metrics": rows,
+        "recipe": recipe.name,
+        "defaults": {k: v for k, v in quantization.items() if not isinstance(v, dict)},
+        "layers": layers,
+        # What each module got, from the config mlx_lm.load reads: the recipe's plan as realised.
+        "plan": _realised(plan.rows(), quantization),
+        "warnings": plan.warnings(),
+        **({"learned": {k: v for k, v in learned.items() if k != "layers"}} if learned else {}),
+    }
+
+
+def _convert(base_dir: Path, recipe: Recipe, plan, out: Path) -> None:
+    from mlx_lm import convert
+
+    chosen = {p.path: p for p in plan.layers}
+
+    def predicate(path, module):
+        p = chosen.get(path)
+        if p is None or p.quant is None:
+            return False
+        # The default stays implicit in config.json, as mlx_lm.convert writes it for a uniform recipe.
+        return True if p.source == "default" else dict(p.quant)
+
     # convert refuses an existing directory, and `out` already exists.
     staging = out / ".convert"
     with contextlib.redirect_stdout(io.StringIO()):  # convert narrates on stdout
@@ -39,27 +88,23 @@ def quantize(base_dir: Path, recipe: Recipe, out: Path) -> dict:
             q_group_size=recipe.group_size if recipe.quantizes_any else None,
             q_mode=recipe.mode,
             dtype=recipe.dtype,
-            quant_predicate=predicate,
+            quant_predicate=predicate if recipe.quantizes_any else None,
         )
     for f in staging.iterdir():
         shutil.move(str(f), out / f.name)
     staging.rmdir()
 
-    model, config = load_model(out, lazy=True)
-    weight_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    quantization = config.get("quantization", {})
-    layers = {k: v for k, v in quantization.items() if isinstance(v, dict)}
-    rows = [
-        {"task": "model", "metric": "bits_per_weight", "value": round(float(compute_bits_per_weight(model)), 4)},
-        {"task": "model", "metric": "weight_bytes", "value": weight_bytes},
-        {"task": "model", "metric": "disk_bytes", "value": sum(f.stat().st_size for f in out.iterdir() if f.is_file())},
-    ]
-    return {
-        "metrics": rows,
-        "recipe": recipe.name,
-        "defaults": {k: v for k, v in quantization.items() if not isinstance(v, dict)},
-        "layers": layers,
-    }
+
+def _realised(rows: list[dict], quantization: dict) -> list[dict]:
+    """The plan's rows with bits / group size / mode as config.json says each module was stored."""
+    defaults = {k: v for k, v in quantization.items() if not isinstance(v, dict)}
+    out = []
+    for row in rows:
+        q = quantization.get(row["path"], defaults if row["bits"] is not None else None)
+        if q:
+            row = {**row, "bits": q["bits"], "group_size": q["group_size"], "mode": q.get("mode", "affine")}
+        out.append(row)
+    return out
 
 
 @task(name="quantize", cache_policy=artifact_cache("quantize", CODE_VERSION), persist_result=True)

@@ -1,13 +1,25 @@
 """Quantization recipes: what bits each layer of a model gets.
 
-A recipe is data: a default (bits, group size, mode; bits=None means "stay in
-float") and ordered rules. A rule matches module paths by regex; the first
-matching rule wins and gives that module its own bits / group size / mode, or
-`keep` to leave it in float. Everything else gets the default.
+A recipe is data (a YAML or TOML file, or a mapping in the sweep file): a default
+(bits, group size, mode; no bits means "stay in float") and ordered rules. A rule
+matches module paths by regex and optionally layer indices, and gives its modules
+their own bits / group size / mode, or `keep` to leave them in float. The first
+matching rule wins; everything else gets the default. The built-ins are files in
+tasks/data/recipes/ that a user can copy.
+
+Layer selectors (`layers:` on a rule), with n the model's number of layers:
+  [0, 1, 5]  "3-7"  "first 4"  "last 4"  "every 4"  "every 4 from 2"  (comma-separated to combine)
+  or an expression in i and n, e.g. "i < n // 8 or (i - n // 8) % 3 == 2" (mlx-lm's mixed_* choice).
 """
 
+import ast
+import operator
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # What mlx's quantize accepts, per mode (mlx.core.quantize docs; checked on the CPU build).
 MODES = {
@@ -17,23 +29,57 @@ MODES = {
     "mxfp8": {"bits": (8,), "group_size": (32,)},
 }
 DTYPES = ("bfloat16", "float16", "float32")
-
-ATTENTION = r"\.self_attn\.(q|k|v|o)_proj$"
-HEAD = r"(^|\.)lm_head$"
-EMBEDDINGS = r"(^|\.)embed_tokens$"
+# Learned methods run mlx-lm's own implementations (tasks/learned.py), with the bits they support.
+METHODS = {"gptq": (2, 4, 8), "awq": (2, 3, 4, 5, 6, 8)}
+RECIPE_DIR = Path(__file__).parent / "data" / "recipes"
 
 
 class RecipeError(ValueError):
     pass
 
 
-@dataclass(frozen=True)
-class Rule:
-    match: str
+# ---- the file format (also a recipe inline in a sweep file)
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RuleSpec(_Strict):
+    match: str = ""
+    layers: str | int | list[int] | None = None
     bits: int | None = None
     group_size: int | None = None
     mode: str | None = None
     keep: bool = False
+
+
+class RecipeSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    bits: int | None
+    group_size: int = 64
+    mode: str = "affine"
+    dtype: str = "bfloat16"
+    rules: list[RuleSpec] = []
+    method: str | None = None  # gptq | awq: learned from calibration text instead of rounded
+    calibration: dict | None = None  # {text, num_samples, sequence_length, seed}; part of the key
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: str = ""
+    bits: int | None = None
+    group_size: int | None = None
+    mode: str | None = None
+    keep: bool = False
+    layers: str | None = None  # a selector, kept as written (canonical text) so it is part of the key
+
+    def selects(self, path: str, n_layers: int | None) -> bool:
+        if not re.search(self.match, path):
+            return False
+        if self.layers is None:
+            return True
+        i = layer_index(path)
+        return i is not None and n_layers is not None and layer_selector(self.layers)(i, n_layers)
 
 
 @dataclass(frozen=True)
@@ -44,6 +90,8 @@ class Recipe:
     mode: str = "affine"
     dtype: str = "bfloat16"
     rules: tuple[Rule, ...] = field(default_factory=tuple)
+    method: str | None = None
+    calibration: dict | None = None
     description: str = ""
 
     @property
@@ -57,48 +105,55 @@ class Recipe:
             raise RecipeError(f"{where}: dtype {self.dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
         if self.quantized:
             _check_quant(where, self.bits, self.group_size, self.mode)
+        if self.method is not None:
+            if self.method not in METHODS:
+                raise RecipeError(f"{where}: method {self.method!r} is not allowed; allowed: {', '.join(METHODS)}")
+            if self.bits not in METHODS[self.method] or self.mode != "affine" or self.rules:
+                raise RecipeError(f"{where}: method {self.method} takes affine bits "
+                                  f"{', '.join(map(str, METHODS[self.method]))} and no rules")
+            missing = {"text", "num_samples", "sequence_length", "seed"} - set(self.calibration or {})
+            unknown = set(self.calibration or {}) - {"text", "num_samples", "sequence_length", "seed", "sha256"}
+            if unknown:
+                raise RecipeError(f"{where}: calibration.{sorted(unknown)[0]}: unknown key; "
+                                  "allowed keys: text, num_samples, sequence_length, seed")
+            if missing:
+                raise RecipeError(f"{where}: calibration lacks {', '.join(sorted(missing))}; "
+                                  "allowed keys: text, num_samples, sequence_length, seed")
         for i, rule in enumerate(self.rules):
             at = f"{where}: rules[{i}] (match {rule.match!r})"
             try:
                 re.compile(rule.match)
             except re.error as e:
                 raise RecipeError(f"{at}: match is not a valid regular expression ({e})") from None
+            if rule.layers is not None:
+                try:
+                    layer_selector(rule.layers)
+                except ValueError as e:
+                    raise RecipeError(f"{at}: layers {rule.layers!r}: {e}") from None
             if not rule.keep:
                 if not self.quantized and rule.bits is None:
                     raise RecipeError(f"{at}: bits is required when the recipe's default is float")
                 _check_quant(at, rule.bits or self.bits, rule.group_size or self.group_size, rule.mode or self.mode)
         return self
 
-    def layer(self, path: str) -> dict | None:
+    def layer(self, path: str, n_layers: int | None = None) -> dict | None:
         """Quantization of one module: {"bits", "group_size", "mode"}, or None to keep it in float."""
-        for rule in self.rules:
-            if re.search(rule.match, path):
-                if rule.keep:
-                    return None
-                return {
-                    "bits": rule.bits or self.bits,
-                    "group_size": rule.group_size or self.group_size,
-                    "mode": rule.mode or self.mode,
-                }
+        rule = self.rule_for(path, n_layers)
+        if rule is not None:
+            if rule.keep:
+                return None
+            return {"bits": rule.bits or self.bits, "group_size": rule.group_size or self.group_size,
+                    "mode": rule.mode or self.mode}
         if not self.quantized:
             return None
         return {"bits": self.bits, "group_size": self.group_size, "mode": self.mode}
 
+    def rule_for(self, path: str, n_layers: int | None = None) -> Rule | None:
+        return next((r for r in self.rules if r.selects(path, n_layers)), None)
+
     @property
     def quantizes_any(self) -> bool:
         return self.quantized or any(not r.keep for r in self.rules)
-
-    def quant_predicate(self, model_predicate=None):
-        """mlx-lm's quant_predicate: rule matches get their own dict (or False: keep); other modules
-        the default, deferring to the model's own predicate where it has one (e.g. MoE gates at 8 bits)."""
-        def predicate(path, module):
-            for rule in self.rules:
-                if re.search(rule.match, path):
-                    return False if rule.keep else self.layer(path)
-            if not self.quantized:
-                return False
-            return model_predicate(path, module) if model_predicate else True
-        return predicate
 
     def params(self) -> dict:
         """Canonical parameters: what goes into the quantize stage's key (not the description)."""
@@ -127,66 +182,175 @@ def _check_quant(where, bits, group_size, mode):
         )
 
 
-def _deckard(name: str, high: int, low: int, group_size: int) -> Recipe:
+# ---- layer selectors
+def layer_index(path: str) -> int | None:
+    """The first all-digit component of a module path (model.layers.12.mlp -> 12), as mlx-lm finds it."""
+    return next((int(part) for part in path.split(".") if part.isdigit()), None)
+
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
+        ast.Mod: operator.mod, ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt,
+        ast.GtE: operator.ge, ast.Eq: operator.eq, ast.NotEq: operator.ne}
+
+
+def _evaluate(node, i: int, n: int):
+    """A selector expression: integers, i, n, + - * // %, comparisons, and / or / not. Nothing else."""
+    if isinstance(node, ast.Expression):
+        return _evaluate(node.body, i, n)
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, ast.Name) and node.id in ("i", "n"):
+        return i if node.id == "i" else n
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        return _OPS[type(node.op)](_evaluate(node.left, i, n), _evaluate(node.right, i, n))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub)):
+        value = _evaluate(node.operand, i, n)
+        return (not value) if isinstance(node.op, ast.Not) else -value
+    if isinstance(node, ast.BoolOp):
+        values = [_evaluate(v, i, n) for v in node.values]
+        return all(values) if isinstance(node.op, ast.And) else any(values)
+    if isinstance(node, ast.Compare) and all(type(op) in _OPS for op in node.ops):
+        left = _evaluate(node.left, i, n)
+        for op, right in zip(node.ops, node.comparators):
+            right = _evaluate(right, i, n)
+            if not _OPS[type(op)](left, right):
+                return False
+            left = right
+        return True
+    raise ValueError(f"{ast.unparse(node)!r} is not allowed in a layer expression (integers, i, n, + - * // %, "
+                     "comparisons, and/or/not)")
+
+
+def layer_selector(text: str):
+    """(i, n) -> bool for a selector's text; raises ValueError saying what is allowed."""
+    parts = []
+    for piece in str(text).split(","):
+        piece = piece.strip()
+        if m := re.fullmatch(r"(\d+)", piece):
+            parts.append(lambda i, n, a=int(m[1]): i == a)
+        elif m := re.fullmatch(r"(\d+)\s*-\s*(\d+)", piece):
+            parts.append(lambda i, n, a=int(m[1]), b=int(m[2]): a <= i <= b)
+        elif m := re.fullmatch(r"first\s+(\d+)", piece):
+            parts.append(lambda i, n, k=int(m[1]): i < k)
+        elif m := re.fullmatch(r"last\s+(\d+)", piece):
+            parts.append(lambda i, n, k=int(m[1]): i >= n - k)
+        elif m := re.fullmatch(r"every\s+(\d+)(?:\s+from\s+(\d+))?", piece):
+            k, start = int(m[1]), int(m[2] or 0)
+            if k < 1:
+                raise ValueError("every k needs k >= 1")
+            parts.append(lambda i, n, k=k, s=start: i >= s and (i - s) % k == 0)
+        else:
+            try:
+                tree = ast.parse(str(text), mode="eval")
+            except SyntaxError:
+                raise ValueError("allowed: a list of indices, 'a-b', 'first k', 'last k', 'every k [from s]', "
+                                 "or an expression in i and n") from None
+            _evaluate(tree, 0, 8)  # refuses what is not allowed, now rather than at quantize time
+            return lambda i, n: bool(_evaluate(tree, i, n))
+    return lambda i, n: any(p(i, n) for p in parts)
+
+
+def canonical_layers(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return ", ".join(str(int(v)) for v in value)
+    return str(value)
+
+
+# ---- reading recipes
+def recipe_from_spec(spec: RecipeSpec) -> Recipe:
+    calibration = dict(spec.calibration) if spec.calibration else None
     return Recipe(
-        name, bits=low, group_size=group_size,
-        rules=tuple(Rule(m, bits=high) for m in (ATTENTION, HEAD, EMBEDDINGS)),
-        description=f"Deckard-style: attention q/k/v/o, lm_head and embeddings {high}-bit, "
-                    f"other weights {low}-bit, group size {group_size}",
+        name=spec.name, bits=spec.bits, group_size=spec.group_size, mode=spec.mode, dtype=spec.dtype,
+        rules=tuple(Rule(**{**r.model_dump(), "layers": canonical_layers(r.layers)}) for r in spec.rules),
+        method=spec.method, calibration=calibration, description=spec.description,
     )
 
 
+def load_recipe(path: Path | str) -> Recipe:
+    """A recipe file (YAML or TOML), checked; errors name the file, the field and what is allowed."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml and toml both say where
+        raise RecipeError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping with keys {', '.join(RecipeSpec.model_fields)}")
+    try:
+        spec = RecipeSpec.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(f"{path}: invalid recipe:\n  " + "\n  ".join(spec_errors(e))) from None
+    recipe = recipe_from_spec(spec)
+    try:
+        recipe.check()
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
+    if recipe.calibration:
+        recipe = with_calibration_digest(recipe, path.parent)
+    return recipe
+
+
+def with_calibration_digest(recipe: Recipe, relative_to: Path) -> Recipe:
+    """The calibration text as a portable reference plus the sha256 of its bytes: both go into the key.
+
+    A relative path is taken from `relative_to` (the recipe file's folder); a file that ships
+    with qsweep is named "qsweep:<path under tasks/>", the same in every checkout.
+    """
+    import hashlib
+    from dataclasses import replace
+
+    text = calibration_path(recipe.calibration["text"], relative_to)
+    if not text.is_file():
+        raise RecipeError(f"recipe {recipe.name!r}: calibration.text {recipe.calibration['text']!r}: no such file")
+    tasks_dir = Path(__file__).parent.resolve()
+    ref = f"qsweep:{text.relative_to(tasks_dir).as_posix()}" if text.is_relative_to(tasks_dir) else str(text)
+    digest = hashlib.sha256(text.read_bytes()).hexdigest()
+    return replace(recipe, calibration={**recipe.calibration, "text": ref, "sha256": digest})
+
+
+def calibration_path(text: str, relative_to: Path = Path(".")) -> Path:
+    if text.startswith("qsweep:"):
+        return Path(__file__).parent / text.removeprefix("qsweep:")
+    return (Path(relative_to) / text).resolve()
+
+
+def spec_errors(e: ValidationError) -> list[str]:
+    out = []
+    for err in e.errors():
+        loc = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]).replace(".[", "[")
+        if err["type"] == "extra_forbidden":
+            allowed = RuleSpec.model_fields if "rules" in err["loc"] else RecipeSpec.model_fields
+            out.append(f"{loc}: unknown key; allowed keys: {', '.join(allowed)}")
+        else:
+            out.append(f"{loc}: {err['msg']}")
+    return sorted(set(out))
+
+
 def _builtins() -> dict[str, Recipe]:
-    recipes = [Recipe("bf16", description="no quantization: weights in bfloat16 (the baseline row)")]
-    for bits in (8, 6, 5, 4, 3, 2):
-        recipes.append(Recipe(f"q{bits}", bits=bits, group_size=64, description=f"uniform affine {bits}-bit, group size 64"))
-        recipes.append(Recipe(f"q{bits}-hi", bits=bits, group_size=32, description=f"uniform affine {bits}-bit, group size 32"))
-    recipes.append(_deckard("qx86-hi", 8, 6, 32))
-    recipes.append(_deckard("qx65-hi", 6, 5, 32))
-    return {r.name: r.check() for r in recipes}
+    recipes = [load_recipe(f) for f in sorted(RECIPE_DIR.glob("*.yaml"))]
+    order = {name: i for i, name in enumerate(BUILTIN_ORDER)}
+    return {r.name: r for r in sorted(recipes, key=lambda r: (order.get(r.name, len(order)), r.name))}
 
 
+BUILTIN_ORDER = ["bf16"] + [f"q{b}{s}" for b in (8, 6, 5, 4, 3, 2) for s in ("", "-hi", "-g128")] + [
+    "mxfp8", "mxfp4", "nvfp4", "mixed_4_6", "mixed_3_6", "mixed_3_4", "mixed_2_6",
+    "qx86-hi", "qx86x-hi", "qx65-hi", "qx65x-hi", "qx64-hi", "qx64x-hi", "qx53", "qx53x", "gptq-4", "awq-4"]
 BUILTINS = _builtins()
 
 
 def get_recipe(name: str) -> Recipe:
+    """A built-in by name, or a recipe file by path (ending in .yaml, .yml or .toml)."""
+    if name.endswith((".yaml", ".yml", ".toml")):
+        return load_recipe(name)
     if name not in BUILTINS:
-        raise RecipeError(f"unknown recipe {name!r}; allowed: {', '.join(BUILTINS)} (or an inline recipe with name and bits)")
+        raise RecipeError(f"unknown recipe {name!r}; allowed: {', '.join(BUILTINS)} "
+                          "(or a recipe file, or an inline recipe with name and bits)")
     return BUILTINS[name]
-
-
-# A typical small llama (SmolLM2-135M's shapes) for estimates without any weights.
-REFERENCE_SHAPES = {"layers": 30, "hidden": 576, "ffn": 1536, "heads": 9, "kv_heads": 3, "vocab": 49152, "tied": True}
-
-
-def reference_modules(s=REFERENCE_SHAPES) -> list[tuple[str, int, int]]:
-    """(path, out features, in features) of a llama's quantizable modules."""
-    head_dim = s["hidden"] // s["heads"]
-    kv = s["kv_heads"] * head_dim
-    mods = [("model.embed_tokens", s["vocab"], s["hidden"])]
-    for i in range(s["layers"]):
-        a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        mods += [(f"{a}.q_proj", s["hidden"], s["hidden"]), (f"{a}.k_proj", kv, s["hidden"]),
-                 (f"{a}.v_proj", kv, s["hidden"]), (f"{a}.o_proj", s["hidden"], s["hidden"]),
-                 (f"{m}.gate_proj", s["ffn"], s["hidden"]), (f"{m}.up_proj", s["ffn"], s["hidden"]),
-                 (f"{m}.down_proj", s["hidden"], s["ffn"])]
-    if not s["tied"]:
-        mods.append(("lm_head", s["vocab"], s["hidden"]))
-    return mods
-
-
-def bits_per_weight(recipe: Recipe, modules=None) -> float:
-    """Estimated storage bits per weight over the quantizable modules, scales included."""
-    modules = modules or reference_modules()
-    total_bits = total = 0
-    for path, out_features, in_features in modules:
-        n = out_features * in_features
-        q = recipe.layer(path)
-        if q is None:
-            total_bits += n * (32 if recipe.dtype == "float32" else 16)
-        else:
-            # affine stores a float16 scale and bias per group; MX formats an 8-bit scale
-            overhead = 32 if q["mode"] == "affine" else 8
-            total_bits += n * q["bits"] + n // q["group_size"] * overhead
-        total += n
-    return total_bits / total

@@ -87,3 +87,32 @@ def test_run_refuses_an_unknown_benchmark_task(tmp_path, tiny_model, capsys):
     err = capsys.readouterr().err
     assert "benchmark.tasks: unknown task no_such_task" in err and "qsweep_demo_mc" in err
     assert not (tmp_path / "store").exists()
+
+
+def test_recipes_show_prints_the_plan_for_a_model(tiny_model, capsys):
+    assert main(["recipes", "show", "qx86-hi", "--model", str(tiny_model)]) == 0
+    out = capsys.readouterr().out
+    assert "recipe qx86-hi" in out and "qx86-hi.yaml" in out  # where to copy it from
+    lines = {tuple(line.split()[:2]): line for line in out.splitlines() if "proj" in line or "embed" in line}
+    assert "8-bit affine g32" in lines[("0-3", "self_attn.q_proj")]
+    assert "6-bit affine g32" in lines[("0-3", "mlp.down_proj")]
+    assert "bits per weight" in out
+
+
+def test_recipes_show_names_a_bad_recipe(capsys):
+    assert main(["recipes", "show", "q7"]) == 2
+    assert "unknown recipe 'q7'" in capsys.readouterr().err
+
+
+def test_recipes_check_validates_files_and_warns_for_a_model(tiny_model, tmp_path, capsys):
+    good, bad, typo = tmp_path / "good.yaml", tmp_path / "bad.yaml", tmp_path / "typo.yaml"
+    good.write_text("name: good\nbits: 4\nrules:\n  - match: lm_head\n    bits: 8\n")
+    bad.write_text("name: bad\nbits: 4\ngroup_size: 48\n")
+    typo.write_text("name: typo\nbits: 4\nrules:\n  - match: self_atn\n    bits: 8\n"
+                    "  - match: q_proj\n    group_size: 128\n")
+    assert main(["recipes", "check", str(good), str(bad), str(typo), "--model", str(tiny_model)]) == 1
+    captured = capsys.readouterr()
+    assert f"{good}: ok (good)" in captured.out and f"{typo}: ok (typo)" in captured.out
+    assert "group_size 48 is not allowed for mode affine; allowed: 32, 64, 128" in captured.err
+    assert "rules[0] (match 'self_atn') matches no module" in captured.err
+    assert "model.layers.0.self_attn.q_proj stays bfloat16: its input width 64 is not a multiple of group size 128" in captured.err

@@ -34,7 +34,7 @@ def test_good_sweep_parses():
      "models[0].revision", "name, source"),
     ({**GOOD, "benchmark": {"limt": 5}}, "benchmark.limt", "tasks, limit, num_fewshot"),
     ({**GOOD, "recipes": [{"name": "r", "bits": 4, "rules": [{"match": "x", "bitz": 8}]}]},
-     "recipes[0].rules[0].bitz", "match, bits, group_size, mode, keep"),
+     "recipes[0].rules[0].bitz", "match, layers, bits, group_size, mode, keep"),
 ])
 def test_unknown_key(data, where, allowed):
     message = error(data)

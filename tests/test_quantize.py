@@ -10,7 +10,9 @@ from safetensors import safe_open
 from tasks.quantize import quantize
 from tasks.recipes import BUILTINS
 
-QUANTIZED = sorted(name for name, r in BUILTINS.items() if r.quantized)
+# Learned recipes (gptq-4, awq-4) calibrate for a while: tests/test_learned.py covers them.
+ROUNDED = {name: r for name, r in BUILTINS.items() if not r.method}
+QUANTIZED = sorted(name for name, r in ROUNDED.items() if r.quantized)
 
 
 def tensors(model_dir: Path) -> dict:
@@ -28,13 +30,13 @@ def tensors(model_dir: Path) -> dict:
 def quantized(tiny_model, tmp_path_factory):
     """recipe name -> (output dir, returned info), for every built-in recipe."""
     done = {}
-    for name, recipe in BUILTINS.items():
+    for name, recipe in ROUNDED.items():
         out = tmp_path_factory.mktemp(name)
         done[name] = (out, quantize(tiny_model, recipe, out))
     return done
 
 
-@pytest.mark.parametrize("name", sorted(BUILTINS))
+@pytest.mark.parametrize("name", sorted(ROUNDED))
 def test_output_loads_and_generates(quantized, name):
     out, info = quantized[name]
     assert info["recipe"] == name
@@ -54,12 +56,22 @@ def test_every_module_gets_the_recipes_bits(quantized, tiny_model, name):
     assert defaults == {"bits": recipe.bits, "group_size": recipe.group_size, "mode": recipe.mode}
     assert info["defaults"] == defaults
 
+    plan = {row["path"]: row for row in info["plan"]}
+    matrices = {k.removesuffix(".weight") for k, (_, shape) in base.items() if len(shape) == 2}
+    assert set(plan) == matrices
     modules = {k.removesuffix(".scales") for k in got if k.endswith(".scales")}
-    # the tiny model's widths suit every group size: every matrix is quantized
-    assert modules == {k.removesuffix(".weight") for k, (_, shape) in base.items() if len(shape) == 2}
-    for path in modules:
-        want = recipe.layer(path)
+    # what the plan leaves in float (a width no group size divides) is stored without scales; the rest is quantized
+    assert modules == {p for p, row in plan.items() if row["bits"] is not None}
+    for path in matrices:
+        want = recipe.layer(path, 4)
+        if plan[path]["source"] == "fallback":
+            assert path not in modules and plan[path]["note"], path
+            continue
+        if want is None:  # a keep rule: stored in float; mlx_lm.load sees no scales and leaves it so
+            assert path not in modules and plan[path]["bits"] is None, path
+            continue
         assert config.get(path, defaults) == want, path  # how mlx_lm.load reads it
+        assert (plan[path]["bits"], plan[path]["group_size"], plan[path]["mode"]) == tuple(want.values())
         # ...and what is stored has that many bits and groups
         in_features = base[path + ".weight"][1][-1]
         assert got[path + ".weight"][1][-1] == in_features * want["bits"] // 32, path
@@ -116,3 +128,60 @@ def test_rules_apply_under_a_float_default(tiny_model, tmp_path):
     assert scaled == {"lm_head"}
     assert info["layers"]["lm_head"] == {"bits": 8, "group_size": 32, "mode": "affine"}
     assert load(str(tmp_path))[0] is not None
+
+
+# mlx_lm.convert's own options for the recipes it also has: our output must be the same, tensor by tensor.
+PEERS = {
+    "q4": dict(q_bits=4, q_group_size=64),
+    "q8-hi": dict(q_bits=8, q_group_size=32),
+    "q3-g128": dict(q_bits=3, q_group_size=128),
+    "mxfp4": dict(q_mode="mxfp4"),
+    "nvfp4": dict(q_mode="nvfp4"),
+    "mxfp8": dict(q_mode="mxfp8"),
+    **{name: dict(quant_predicate=name, q_group_size=64) for name in ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PEERS))
+def test_same_weights_and_config_as_mlx_lm_convert(quantized, tiny_model, tmp_path, name):
+    import mlx.core as mx
+    from mlx_lm import convert
+
+    convert(str(tiny_model), mlx_path=str(tmp_path / "peer"), quantize=True, **PEERS[name])
+    ours, theirs = quantized[name][0], tmp_path / "peer"
+    a, b = mx.load(str(ours / "model.safetensors")), mx.load(str(theirs / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and mx.array_equal(a[k], b[k]).item(), k
+    mine, peer = (json.loads((d / "config.json").read_text()) for d in (ours, theirs))
+    q_mine, q_peer = mine.pop("quantization"), peer.pop("quantization")
+    mine.pop("quantization_config", None), peer.pop("quantization_config", None)  # copies of "quantization"
+    assert mine == peer
+    # the same per-module settings as mlx_lm.load reads them (mlx-lm's mixed_* list every module,
+    # and give the unused default 4 bits; ours list the exceptions to a default that is used)
+    modules = [k.removesuffix(".scales") for k in a if k.endswith(".scales")]
+    assert effective(q_mine, modules) == effective(q_peer, modules)
+
+
+def effective(quantization: dict, modules: list[str]) -> dict:
+    """Each quantized module's settings as mlx_lm.load reads them: its own entry, else the defaults."""
+    defaults = {k: v for k, v in quantization.items() if not isinstance(v, dict)}
+    return {m: {**defaults, **quantization.get(m, {})} for m in modules}
+
+
+def test_learned_recipe_runs_through_the_quantize_stage(tiny_model, tmp_path):
+    from dataclasses import replace
+
+    from tasks.recipes import with_calibration_digest
+
+    gptq = BUILTINS["gptq-4"]
+    assert gptq.calibration["text"] == "qsweep:data/calibration.txt" and len(gptq.calibration["sha256"]) == 64
+    small = replace(gptq, calibration={k: v for k, v in gptq.calibration.items() if k != "sha256"}
+                    | {"num_samples": 4, "sequence_length": 64})
+    info = quantize(tiny_model, with_calibration_digest(small, Path(".")), tmp_path)
+    assert info["learned"]["method"] == "gptq" and info["learned"]["calibration"]["sha256"] == gptq.calibration["sha256"]
+    plan = {row["path"]: row for row in info["plan"]}
+    assert plan["model.layers.0.mlp.up_proj"]["bits"] == 4
+    assert plan["model.embed_tokens"]["bits"] == 6  # GPTQ does not learn embeddings: mlx-lm's fallback, as stored
+    model, tokenizer = load(str(tmp_path))
+    assert generate(model, tokenizer, "Hello", max_tokens=4)

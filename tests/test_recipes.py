@@ -4,7 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from tasks.recipes import BUILTINS, MODES, Recipe, RecipeError, Rule, bits_per_weight, get_recipe
+from tasks.plan import bits_per_weight
+from tasks.recipes import BUILTINS, MODES, Recipe, RecipeError, Rule, get_recipe
 
 
 @pytest.mark.parametrize("name", sorted(BUILTINS))
@@ -81,3 +82,128 @@ def test_bits_per_weight_ordering():
         assert bpw[f"q{bits}-hi"] > bpw[f"q{bits}"] > bits
     assert bpw["q6-hi"] < bpw["qx86-hi"] < bpw["q8-hi"]
     assert bpw["q5-hi"] < bpw["qx65-hi"] < bpw["q6-hi"]
+
+
+# ---- layer selectors
+@pytest.mark.parametrize("text, n, selected", [
+    ("first 2", 6, [0, 1]),
+    ("last 2", 6, [4, 5]),
+    ("every 4", 10, [0, 4, 8]),
+    ("every 3 from 1", 10, [1, 4, 7]),
+    ("1-3", 6, [1, 2, 3]),
+    ("0, 5", 6, [0, 5]),
+    ("first 1, last 1", 6, [0, 5]),
+    ("i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2", 30, [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]),
+])
+def test_layer_selectors(text, n, selected):
+    from tasks.recipes import layer_selector
+
+    assert [i for i in range(n) if layer_selector(text)(i, n)] == selected
+
+
+@pytest.mark.parametrize("text", ["__import__('os').system('true')", "i.bit_length() > 1", "lambda: 1", "first", "i <"])
+def test_layer_selector_refuses_anything_else(text):
+    with pytest.raises(RecipeError) as err:
+        Recipe("sel", bits=4, rules=(Rule("mlp", layers=text, bits=8),)).check()
+    message = str(err.value)
+    assert "recipe 'sel'" in message and "rules[0]" in message and "allowed" in message, message
+
+
+def test_rules_with_layers_apply_by_index():
+    r = Recipe("x", bits=4, rules=(Rule(r"self_attn", layers="every 2", bits=8),)).check()
+    assert r.layer("model.layers.2.self_attn.q_proj", 4)["bits"] == 8
+    assert r.layer("model.layers.3.self_attn.q_proj", 4)["bits"] == 4
+    assert r.layer("lm_head", 4)["bits"] == 4  # no layer index: a layer rule does not apply
+
+
+# ---- mlx-lm's mixed recipes, as our rules
+def lazy_llama(n_layers: int):
+    """A llama built from a config alone: parameters are never evaluated, so nothing is allocated."""
+    from mlx_lm.utils import _get_classes
+
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": n_layers,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "rms_norm_eps": 1e-5,
+              "tie_word_embeddings": False}
+    model_class, args_class = _get_classes(config)
+    return model_class(args_class.from_dict(config))
+
+
+@pytest.mark.parametrize("name", ["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"])
+@pytest.mark.parametrize("n_layers", [4, 16, 30, 61])
+def test_mixed_recipes_choose_what_mlx_lm_chooses(name, n_layers):
+    from mlx_lm.convert import mixed_quant_predicate_builder
+
+    model = lazy_llama(n_layers)
+    theirs = mixed_quant_predicate_builder(name, model, group_size=64)
+    ours = BUILTINS[name]
+    paths = [p for p, m in model.named_modules() if hasattr(m, "to_quantized")]
+    assert "lm_head" in paths and len(paths) == 7 * n_layers + 2
+    for path in paths:
+        assert ours.layer(path, n_layers) == theirs(path, None), path
+
+
+# ---- recipe files
+def test_every_builtin_is_a_file_a_user_can_copy(tmp_path):
+    from tasks.recipes import RECIPE_DIR, load_recipe
+
+    assert len(BUILTINS) >= 30
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "calibration.txt").write_bytes((RECIPE_DIR.parent / "calibration.txt").read_bytes())
+    for name, recipe in BUILTINS.items():
+        copy = tmp_path / "recipes" / f"{name}.yaml"
+        copy.write_text((RECIPE_DIR / f"{name}.yaml").read_text())
+        mine, theirs = load_recipe(copy).params(), recipe.params()
+        if recipe.calibration:  # the copy names its own calibration file: the same bytes, so the same digest
+            assert mine["calibration"].pop("text") == str(tmp_path / "calibration.txt")
+            assert theirs["calibration"].pop("text") == "qsweep:data/calibration.txt"
+        assert mine == theirs, name
+
+
+def test_recipe_file_errors_name_the_file_field_and_allowed(tmp_path):
+    from tasks.recipes import load_recipe
+
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("name: mine\nbits: 4\nrules:\n  - match: mlp\n    bitz: 8\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(bad)
+    assert str(bad) in str(err.value) and "rules[0].bitz: unknown key" in str(err.value)
+    assert "allowed keys: match, layers, bits, group_size, mode, keep" in str(err.value)
+    bad.write_text("name: mine\nbits: 3\nmode: mxfp4\n")
+    with pytest.raises(RecipeError, match=r"mine.yaml: recipe 'mine': bits 3 is not allowed for mode mxfp4; allowed: 4"):
+        load_recipe(bad)
+
+
+def test_toml_recipe_file(tmp_path):
+    from tasks.recipes import load_recipe
+
+    f = tmp_path / "mine.toml"
+    f.write_text('name = "mine"\nbits = 4\ngroup_size = 32\n\n[[rules]]\nmatch = "lm_head"\nbits = 8\n\n'
+                 '[[rules]]\nmatch = "mlp"\nlayers = "last 2"\nbits = 6\n')
+    recipe = load_recipe(f)
+    assert recipe.layer("lm_head", 8)["bits"] == 8
+    assert recipe.layer("model.layers.7.mlp.up_proj", 8)["bits"] == 6
+    assert recipe.layer("model.layers.0.mlp.up_proj", 8) == {"bits": 4, "group_size": 32, "mode": "affine"}
+    assert get_recipe(str(f)) == recipe  # a sweep can name the file
+
+
+# ---- plans
+def test_plan_reports_rules_matching_nothing_and_fallbacks():
+    from tasks.plan import make_plan
+
+    recipe = Recipe("odd", bits=4, group_size=32, rules=(Rule("attention", bits=8), Rule("down_proj", group_size=128))).check()
+    modules = [("model.layers.0.self_attn.q_proj", 64, 64, None), ("model.layers.0.mlp.down_proj", 64, 96, None)]
+    plan = make_plan(recipe, modules, 1)
+    down = plan.layers[1]
+    assert down.quant is None and down.source == "fallback" and "96" in down.note and "128" in down.note
+    warnings = "\n".join(plan.warnings())
+    assert "rules[0] (match 'attention') matches no module" in warnings
+    assert "model.layers.0.mlp.down_proj stays bfloat16" in warnings
+
+
+def test_plan_from_a_config_reads_no_weights(tiny_model):
+    from tasks.plan import format_plan, plan_for
+
+    plan = plan_for(BUILTINS["qx86-hi"], tiny_model)
+    table = format_plan(plan)
+    assert "self_attn.q_proj" in table and "8-bit affine g32" in table and "6-bit affine g32" in table
+    assert plan.n_layers == 4 and 6 < plan.bits_per_weight() < 8.5

@@ -111,6 +111,17 @@ def test_first_run_computes_every_cell_and_records_metrics(finished):
     assert (store / "published" / "tiny-q4-mlx" / "README.md").exists()
 
 
+def test_recipe_layers_are_queryable(finished):
+    """Which module got which bits, per quantized artifact, as SQL."""
+    store = finished[0]
+    got = dict(rows(store, "SELECT recipe, count(*) FROM recipe_layers GROUP BY recipe"))
+    assert got == {"bf16": 30, "q4": 30, "qx86-hi": 30}  # 4 layers x 7 projections, embeddings, lm_head
+    attention = rows(store, "SELECT DISTINCT bits FROM recipe_layers WHERE recipe = 'qx86-hi' AND path LIKE '%self_attn%'")
+    mlp = rows(store, "SELECT DISTINCT bits FROM recipe_layers WHERE recipe = 'qx86-hi' AND path LIKE '%.mlp.%'")
+    assert attention == [(8,)] and mlp == [(6,)]
+    assert rows(store, "SELECT DISTINCT bits, mode FROM recipe_layers WHERE recipe = 'bf16'") == [(None, "bfloat16")]
+
+
 def test_second_run_computes_nothing(finished):
     store, _, _, _, first_artifacts, second = finished
     assert second.returncode == 0, second.stderr[-3000:]

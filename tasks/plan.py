@@ -1,0 +1,207 @@
+"""A recipe resolved for one model: every quantizable module with its bits, or float, and why.
+
+The plan is what `qsweep recipes show` prints, what the quantize stage hands to
+mlx_lm.convert as its predicate, and what the artifact's manifest and DuckDB's
+`recipe_layers` table record. It comes from the model's config alone: the model
+is built lazily, so no weights are read or allocated.
+
+It mirrors mlx-lm's own rules for what cannot be quantized: mlx_lm.utils.quantize_model
+leaves a module in float when its input width is not a multiple of the recipe's
+(default) group size, and mx.quantize refuses a rule's group size that does not
+divide the width. Both fall back to float here, and the plan says so.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.recipes import Recipe
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    path: str
+    layer: int | None
+    out_features: int
+    in_features: int
+    quant: dict | None  # {"bits", "group_size", "mode"}, or None: float in the recipe's dtype
+    source: str  # "default", "rule N", "model" (the model's own predicate), "fallback"
+    note: str = ""
+
+    @property
+    def size(self) -> int:
+        return self.out_features * self.in_features
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Recipe
+    n_layers: int
+    layers: tuple[LayerPlan, ...]
+
+    def bits_per_weight(self) -> float:
+        """Storage bits per weight over the quantizable modules, scales and biases included."""
+        total_bits = sum(_bits(p, self.recipe.dtype) for p in self.layers)
+        return total_bits / max(1, sum(p.size for p in self.layers))
+
+    def bytes(self) -> int:
+        return int(sum(_bits(p, self.recipe.dtype) for p in self.layers) // 8)
+
+    def fallbacks(self) -> list[LayerPlan]:
+        return [p for p in self.layers if p.source == "fallback"]
+
+    def unmatched_rules(self) -> list[int]:
+        """Rules that select no module of this model: usually a typo in the regex."""
+        used = {p.source for p in self.layers}
+        return [i for i in range(len(self.recipe.rules)) if f"rule {i}" not in used]
+
+    def warnings(self) -> list[str]:
+        out = []
+        for i in self.unmatched_rules():
+            rule = self.recipe.rules[i]
+            out.append(f"recipe {self.recipe.name!r}: rules[{i}] (match {rule.match!r}"
+                       f"{f', layers {rule.layers!r}' if rule.layers else ''}) matches no module of this model")
+        for p in self.fallbacks():
+            out.append(f"recipe {self.recipe.name!r}: {p.path} {p.note}")
+        return out
+
+    def rows(self) -> list[dict]:
+        """One row per module, for the manifest and DuckDB."""
+        return [{"path": p.path, "layer": p.layer, "out_features": p.out_features, "in_features": p.in_features,
+                 "bits": p.quant["bits"] if p.quant else None,
+                 "group_size": p.quant["group_size"] if p.quant else None,
+                 "mode": p.quant["mode"] if p.quant else self.recipe.dtype,
+                 "source": p.source, "note": p.note} for p in self.layers]
+
+
+def _bits(p: LayerPlan, dtype: str) -> int:
+    if p.quant is None:
+        return p.size * (32 if dtype == "float32" else 16)
+    # affine stores a scale and a bias per group in the model's float type; MX formats one 8-bit scale
+    overhead = 32 if p.quant["mode"] == "affine" else 8
+    return p.size * p.quant["bits"] + p.size // p.quant["group_size"] * overhead
+
+
+def make_plan(recipe: Recipe, modules: list[tuple[str, int, int, object]], n_layers: int,
+              model_predicate=None) -> Plan:
+    """modules: (path, out features, in features, module or None) of every quantizable module."""
+    out = []
+    default_group = recipe.group_size if recipe.quantizes_any else None
+    for path, out_features, in_features, module in modules:
+        rule = recipe.rule_for(path, n_layers)
+        quant, source = recipe.layer(path, n_layers), "default" if rule is None else f"rule {recipe.rules.index(rule)}"
+        if rule is None and quant is not None and model_predicate is not None and module is not None:
+            own = model_predicate(path, module)
+            if own is False or isinstance(own, dict):
+                quant, source = (dict(own) if own else None), "model"
+        note = ""
+        if quant is not None and default_group and in_features % default_group:
+            note = (f"stays {recipe.dtype}: its input width {in_features} is not a multiple of the recipe's "
+                    f"group size {default_group} (mlx-lm leaves such modules unquantized)")
+        elif quant is not None and in_features % quant["group_size"]:
+            note = (f"stays {recipe.dtype}: its input width {in_features} is not a multiple of group size "
+                    f"{quant['group_size']} ({source})")
+        if note:
+            quant, source = None, "fallback"
+        out.append(LayerPlan(path, _layer(path), out_features, in_features, quant, source, note))
+    return Plan(recipe, n_layers, tuple(out))
+
+
+def _layer(path: str) -> int | None:
+    from tasks.recipes import layer_index
+    return layer_index(path)
+
+
+def model_config(model: str | Path) -> dict:
+    """config.json of a model directory, or of a source the download stage takes (a .gguf file, demo://...)."""
+    import json
+    import tempfile
+
+    from tasks.download import resolve_source
+
+    if Path(model).is_dir():
+        return json.loads((Path(model) / "config.json").read_text())
+    resolved = resolve_source(str(model))
+    if resolved["kind"] == "gguf":
+        from tasks.gguf import gguf_config
+        return gguf_config(resolved["path"])
+    if resolved["kind"] == "demo":
+        from tasks.demo_model import make_demo_model
+        with tempfile.TemporaryDirectory() as tmp:
+            return json.loads((make_demo_model(Path(tmp) / "m", seed=resolved["seed"]) / "config.json").read_text())
+    raise ValueError(f"{model}: give a local model directory, a .gguf file or a demo:// model "
+                     "(a plan reads the config only; download hub models with a sweep first)")
+
+
+def model_modules(model: str | Path):
+    """(modules, n_layers, the model's own quant predicate) from the config alone: no weights are read."""
+    from mlx_lm.utils import _get_classes
+
+    config = model_config(model)
+    if config.get("quantization"):
+        raise ValueError(f"{model} is already quantized; a plan starts from a float model")
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))  # parameters stay lazy: never evaluated here
+    modules = [(path, m.weight.shape[0], m.weight.shape[-1], m) for path, m in model.named_modules()
+               if hasattr(m, "to_quantized") and hasattr(m, "weight")]
+    modules.sort(key=lambda x: (x[0] != "model.embed_tokens", _layer(x[0]) or 0, x[0]))
+    return modules, len(model.layers), getattr(model, "quant_predicate", None)
+
+
+def plan_for(recipe: Recipe, model: str | Path) -> Plan:
+    modules, n_layers, predicate = model_modules(model)
+    return make_plan(recipe, modules, n_layers, predicate)
+
+
+# A typical small llama (SmolLM2-135M's shapes) for estimates without any model at hand.
+REFERENCE_SHAPES = {"layers": 30, "hidden": 576, "ffn": 1536, "heads": 9, "kv_heads": 3, "vocab": 49152, "tied": True}
+
+
+def reference_plan(recipe: Recipe, s: dict = REFERENCE_SHAPES) -> Plan:
+    head_dim = s["hidden"] // s["heads"]
+    kv = s["kv_heads"] * head_dim
+    mods = [("model.embed_tokens", s["vocab"], s["hidden"], None)]
+    for i in range(s["layers"]):
+        a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        mods += [(f"{a}.q_proj", s["hidden"], s["hidden"], None), (f"{a}.k_proj", kv, s["hidden"], None),
+                 (f"{a}.v_proj", kv, s["hidden"], None), (f"{a}.o_proj", s["hidden"], s["hidden"], None),
+                 (f"{m}.gate_proj", s["ffn"], s["hidden"], None), (f"{m}.up_proj", s["ffn"], s["hidden"], None),
+                 (f"{m}.down_proj", s["hidden"], s["ffn"], None)]
+    if not s["tied"]:
+        mods.append(("lm_head", s["vocab"], s["hidden"], None))
+    return make_plan(recipe, mods, s["layers"])
+
+
+def bits_per_weight(recipe: Recipe) -> float:
+    """Estimated on REFERENCE_SHAPES: for listing recipes without a model."""
+    return reference_plan(recipe).bits_per_weight()
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as a table: consecutive layers with the same settings for a module share a line."""
+    def what(p: LayerPlan) -> str:
+        if p.quant is None:
+            return plan.recipe.dtype
+        q = p.quant
+        return f"{q['bits']}-bit {q['mode']} g{q['group_size']}"
+
+    by_module: dict[str, list[LayerPlan]] = {}
+    for p in plan.layers:
+        name = p.path if p.layer is None else p.path.split(f".{p.layer}.", 1)[-1]
+        by_module.setdefault(name, []).append(p)
+    lines = []
+    for name, entries in by_module.items():
+        run = [entries[0]]
+        for p in entries[1:] + [None]:
+            if p is not None and (what(p), p.source) == (what(run[0]), run[0].source) and p.layer == run[-1].layer + 1:
+                run.append(p)
+                continue
+            first, last = run[0].layer, run[-1].layer
+            layers = "" if first is None else (f"{first}" if first == last else f"{first}-{last}")
+            lines.append((layers, name, what(run[0]), run[0].source))
+            run = [p]
+    widths = [max(len(x[i]) for x in lines + [("layers", "module", "quantization", "why")]) for i in range(4)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(("layers", "module", "quantization", "why"), widths))]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    out.append(f"bits per weight {plan.bits_per_weight():.3f} and {plan.bytes() / 1e6:.1f} MB over the quantizable modules "
+               f"({len(plan.layers)} modules, {plan.n_layers} layers)")
+    return "\n".join(out)
