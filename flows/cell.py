@@ -1,10 +1,11 @@
-"""One cell of a sweep: one base model through one recipe, five stages in order.
+"""One cell of a sweep: one base model through one recipe, its stages in order.
 
-download -> quantize -> smoke -> benchmark -> publish. Each stage is a Prefect
+download -> quantize -> smoke -> benchmark -> (reference, fidelity) -> publish. Each stage is a Prefect
 task keyed by its artifact key; this flow records what each stage did (computed
 or cached, how long, which error) and its metric rows.
 """
 
+import json
 import time
 
 from prefect import flow
@@ -13,12 +14,13 @@ from storage.artifacts import ArtifactRef, Store
 from storage.metrics import MetricStore
 from tasks.benchmark import benchmark_task
 from tasks.download import download_task, key_params, redact
+from tasks.fidelity import fidelity_task, reference_task
 from tasks.publish import publish_task
 from tasks.quantize import quantize_task
 from tasks.smoke import smoke_task
 from tasks.stage import run_stage
 
-STAGES = ("download", "quantize", "smoke", "benchmark", "publish")
+STAGES = ("download", "quantize", "smoke", "benchmark", "reference", "fidelity", "publish")
 
 
 class StageFailed(RuntimeError):
@@ -45,12 +47,19 @@ def cell(store: str, run_id: str, model: str, recipe: str, source: dict, setting
         info = artifacts.manifest(ref)["info"]
         history.record_metrics(run_id, model, recipe, name, ref.key, info.get("metrics", []))
         history.record_layers(model, recipe, ref.key, info.get("plan", []))
+        samples = artifacts.path(ref) / "samples.jsonl"
+        if samples.exists():
+            history.record_samples(model, recipe, ref.key, [json.loads(line) for line in samples.read_text().splitlines()])
         return ref
 
     base = stage("download", download_task, key_params(source), [], resolved=source)
     quantized = stage("quantize", quantize_task, settings["recipe"], [base])
     smoke = stage("smoke", smoke_task, settings["smoke"], [quantized])
     bench = stage("benchmark", benchmark_task, settings["benchmark"], [quantized])
+    if settings.get("fidelity"):
+        # the base's pass has the same key in every cell of a model: computed once, then found in the store
+        ref = stage("reference", reference_task, settings["fidelity"], [base])
+        stage("fidelity", fidelity_task, settings["fidelity"], [quantized, ref])
     card = stage("publish", publish_task, settings["publish"], [quantized, smoke, bench], dest=settings["export_to"])
     return {"model": model, "recipe": recipe, "card": card.key, "exported_to": settings["export_to"]}
 

@@ -10,7 +10,6 @@ import os
 import sys
 from pathlib import Path
 
-STAGES = ("download", "quantize", "smoke", "benchmark", "publish")
 
 
 def default_store() -> str:
@@ -61,6 +60,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from flows.cell import STAGES
+
     db = history(args.store)
     try:
         _, runs = db.query("SELECT run_id, sweep, status, started, finished, cells FROM runs ORDER BY started DESC LIMIT 1")
@@ -72,9 +73,10 @@ def cmd_status(args) -> int:
     done = {(m, r, s): ("cached" if c else st, sec, err) for m, r, s, st, c, sec, err in stages}
     print(f"sweep {name}  run {run_id}  {status}  started {started:%Y-%m-%d %H:%M:%S}"
           + (f"  took {(finished - started).total_seconds():.1f}s" if finished else ""))
-    rows = [[c["model"], c["recipe"]] + [done.get((c["model"], c["recipe"], s), ("pending",))[0] for s in STAGES]
+    shown = [s for s in STAGES if s not in ("reference", "fidelity") or any(k[2] == s for k in done)]
+    rows = [[c["model"], c["recipe"]] + [done.get((c["model"], c["recipe"], s), ("pending",))[0] for s in shown]
             for c in json.loads(cells)]
-    print(format_table(["model", "recipe", *STAGES], rows))
+    print(format_table(["model", "recipe", *shown], rows))
     errors = [(m, r, s, e) for (m, r, s), (st, _, e) in done.items() if st == "failed"]
     for m, r, s, e in errors:
         print(f"\n{m}/{r} {s} failed: {e}")
@@ -95,6 +97,26 @@ def cmd_sql(args) -> int:
         w.writerows(rows)
     else:
         print(format_table(columns, rows))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """Each recipe against a base recipe, per task: accuracy, difference, 95% interval, McNemar p."""
+    from flows.compare import compare_recipes
+    from tasks.compare import format_comparisons
+
+    try:
+        found = compare_recipes(args.store, args.base, args.alpha)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"qsweep compare: {e}", file=sys.stderr)
+        return 2
+    if not found:
+        print(f"qsweep compare: no model in {args.store} has benchmark samples for recipe {args.base!r}", file=sys.stderr)
+        return 2
+    for model, rows in found.items():
+        print(f"model {model}, against {args.base}\n")
+        print(format_comparisons(rows, args.alpha))
+    print("\n(also in SQL: SELECT * FROM comparisons)")
     return 0
 
 
@@ -170,6 +192,10 @@ def main(argv=None) -> int:
     p.add_argument("query")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(fn=cmd_sql)
+    p = sub.add_parser("compare", parents=[store_opt], help="each recipe against a base recipe: which differences are real")
+    p.add_argument("--base", default="bf16", help="the recipe to compare against (default: bf16)")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level (default: 0.05)")
+    p.set_defaults(fn=cmd_compare)
     p = sub.add_parser("recipes", help="the built-in recipes; `show` a plan, `check` recipe files")
     p.set_defaults(fn=cmd_recipes)
     verbs = p.add_subparsers(dest="verb")

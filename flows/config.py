@@ -44,6 +44,24 @@ class BenchmarkSpec(Strict):
     data: Literal["auto", "offline", "hub"] = "auto"  # auto: the offline copies when the hub is unreachable
 
 
+class FidelitySpec(Strict):
+    """Perplexity and KL divergence against the base model on a text corpus (tasks/fidelity.py)."""
+    enabled: bool = True
+    corpus: str = "qsweep:data/hamlet.txt"  # a text file; qsweep:... names one that ships with qsweep
+    window: int = Field(512, ge=16)  # tokens per window; the second half of each is scored
+    windows: int = Field(12, ge=1)
+    top_k: int = Field(4096, ge=1, le=262144)  # base log-probs kept per position, plus the rest's mass
+    backend: Literal["auto", "native", "fp32"] = "auto"
+
+    @field_validator("corpus")
+    @classmethod
+    def _corpus_exists(cls, corpus: str) -> str:
+        from tasks.fidelity import corpus_path
+        if not corpus_path(corpus).is_file():
+            raise ValueError(f"{corpus!r}: no such file (a text file, or qsweep:data/hamlet.txt)")
+        return corpus
+
+
 class PublishSpec(Strict):
     repo: str | None = None  # e.g. "my-org/{model}-{recipe}-mlx"; uploads only with a token present
     private: bool = True
@@ -69,6 +87,7 @@ class Sweep(Strict):
     recipes: list[Annotated[Union[str, RecipeSpec], AfterValidator(lambda r: _check_recipe(r))]] = Field(min_length=1)
     smoke: SmokeSpec = SmokeSpec()
     benchmark: BenchmarkSpec = BenchmarkSpec()
+    fidelity: FidelitySpec = FidelitySpec()
     publish: PublishSpec = PublishSpec()
 
     @model_validator(mode="after")

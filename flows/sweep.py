@@ -5,6 +5,7 @@ fails at the end if any cell did. Finished stages are never recomputed: run
 the same sweep again after a crash and only unfinished stages run.
 """
 
+import hashlib
 import socket
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.cell import cell
+from flows.compare import compare_recipes
 from flows.config import Sweep, SweepError, load_sweep
 from storage.artifacts import Store, digest_files, scan_files
 from storage.keys import tool_versions
@@ -19,6 +21,9 @@ from storage.metrics import MetricStore
 from tasks.benchmark import LOCAL_TASKS, resolve_backend, task_manager_for
 from tasks.download import SourceError, key_params, resolve_source
 from tasks.offline_tasks import plan_tasks
+
+
+COMPARE_BASE = "bf16"  # what every other recipe of a model is compared with, when the sweep has it
 
 
 class SweepFailed(RuntimeError):
@@ -57,9 +62,21 @@ def resolve_benchmark(config: Sweep) -> dict:
             "task_files": digest_files({n: f for n, f in scan_files(LOCAL_TASKS).items() if "__pycache__" not in n})}
 
 
+def resolve_fidelity(config: Sweep) -> dict | None:
+    """The fidelity stages' parameters: the corpus by reference and by content, the backend resolved."""
+    f = config.fidelity
+    if not f.enabled:
+        return None
+    from tasks.fidelity import corpus_path
+
+    digest = hashlib.sha256(corpus_path(f.corpus).read_bytes()).hexdigest()
+    return {**f.model_dump(exclude={"enabled"}), "corpus_sha256": digest, "backend": resolve_backend(f.backend)}
+
+
 def plan_cells(config: Sweep, resolved: dict, store: Store) -> list[dict]:
     """Every (model, recipe) cell with the parameters of each of its stages."""
     benchmark = resolve_benchmark(config)
+    fidelity = resolve_fidelity(config)
     export_dir = Path(config.publish.export_dir or store.root / "published")
     cells = []
     for m in config.models:
@@ -73,6 +90,7 @@ def plan_cells(config: Sweep, resolved: dict, store: Store) -> list[dict]:
                     "recipe": recipe.params(),
                     "smoke": {**config.smoke.model_dump(), "backend": resolve_backend(config.smoke.backend)},
                     "benchmark": benchmark,
+                    "fidelity": fidelity,
                     "publish": {
                         "model": m.name, "recipe": recipe.params(), "recipe_description": recipe.description,
                         "source": key_params(resolved[m.name]), "repo_id": repo,
@@ -104,6 +122,8 @@ def sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
         else:
             failed.append(f"{c['model']}/{c['recipe']}")
             log.error("cell %s/%s failed: %s", c["model"], c["recipe"], state.message)
+    if any(c["recipe"] == COMPARE_BASE for c in cells):
+        compare_recipes(str(artifacts.root), COMPARE_BASE)  # the `comparisons` table; `qsweep compare` prints it
     history.finish_run(run_id, "failed" if failed else "completed")
     if failed:
         raise SweepFailed(f"{len(failed)} of {len(cells)} cells failed: {', '.join(failed)}; see `qsweep status`")

@@ -71,6 +71,28 @@ CREATE TABLE IF NOT EXISTS recipe_layers (
     note VARCHAR,
     PRIMARY KEY (artifact_key, path)
 );
+-- Every benchmark question's outcome, per benchmark artifact (lm-eval's logged samples).
+CREATE TABLE IF NOT EXISTS samples (
+    model VARCHAR,
+    recipe VARCHAR,
+    artifact_key VARCHAR,
+    task VARCHAR,
+    doc_id BIGINT,
+    target INTEGER,          -- the right choice
+    chosen INTEGER,          -- the choice with the highest log-likelihood
+    correct BOOLEAN,         -- acc
+    correct_norm BOOLEAN,    -- acc_norm
+    logliks DOUBLE[],        -- each choice's log-likelihood
+    PRIMARY KEY (artifact_key, task, doc_id)
+);
+-- Each recipe against a base recipe of the same model, task by task (written by `qsweep compare`
+-- and at the end of every sweep): paired bootstrap interval and McNemar's exact test.
+CREATE TABLE IF NOT EXISTS comparisons (
+    model VARCHAR, task VARCHAR, base VARCHAR, recipe VARCHAR, n BIGINT,
+    base_acc DOUBLE, acc DOUBLE, diff DOUBLE, low DOUBLE, high DOUBLE,
+    only_base BIGINT, only_recipe BIGINT, p_value DOUBLE, significant BOOLEAN,
+    PRIMARY KEY (model, task, base, recipe)
+);
 -- The metrics of each cell's stages as last done: old rows from earlier settings stay in `metrics`.
 CREATE OR REPLACE VIEW latest_metrics AS
 WITH latest AS (
@@ -78,6 +100,12 @@ WITH latest AS (
     QUALIFY row_number() OVER (PARTITION BY model, recipe, stage ORDER BY finished DESC) = 1
 )
 SELECT m.* FROM metrics m JOIN latest l USING (model, recipe, stage) WHERE m.artifact_key = l.key;
+CREATE OR REPLACE VIEW latest_samples AS
+WITH latest AS (
+    SELECT model, recipe, key FROM stages WHERE status = 'done' AND stage = 'benchmark'
+    QUALIFY row_number() OVER (PARTITION BY model, recipe ORDER BY finished DESC) = 1
+)
+SELECT s.* FROM samples s JOIN latest l USING (model, recipe) WHERE s.artifact_key = l.key;
 """
 
 
@@ -147,6 +175,28 @@ class MetricStore:
                 [[model, recipe, artifact_key, r["path"], r["layer"], r["out_features"], r["in_features"], r["bits"],
                   r["group_size"], r["mode"], r["source"], r["note"]] for r in rows],
             )
+
+    def record_samples(self, model, recipe, artifact_key, rows: list[dict]):
+        """A benchmark artifact's per-question rows; recorded once per artifact."""
+        if not rows:
+            return
+        with self.connect() as con:
+            con.executemany(
+                "INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [[model, recipe, artifact_key, r["task"], r["doc_id"], r["target"], r["chosen"], r["correct"],
+                  r["correct_norm"], r["logliks"]] for r in rows],
+            )
+
+    def record_comparisons(self, model: str, base: str, rows: list):
+        """Replace the comparisons of `model` against `base` (tasks.compare.Comparison rows)."""
+        with self.connect() as con:
+            con.execute("DELETE FROM comparisons WHERE model = ? AND base = ?", [model, base])
+            if rows:
+                con.executemany(
+                    "INSERT INTO comparisons VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [[model, c.task, c.base, c.recipe, c.n, c.base_acc, c.acc, c.diff, c.low, c.high,
+                      c.only_base, c.only_recipe, c.p_value, c.significant] for c in rows],
+                )
 
     def query(self, sql: str, params=None) -> tuple[list[str], list[tuple]]:
         with self.connect(read_only=True) as con:

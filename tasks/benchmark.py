@@ -21,7 +21,7 @@ from storage.artifacts import ArtifactRef, Store
 from tasks import cpu
 from tasks.stage import artifact_cache
 
-CODE_VERSION = "4"  # 4: packed rows; on a CPU, fp32 SiLU and logsumexp through tasks.cpu
+CODE_VERSION = "5"  # 5: per-question samples.jsonl
 LOCAL_TASKS = Path(__file__).parent / "data" / "lm_eval"
 
 DEFAULTS = {"tasks": [], "limit": None, "num_fewshot": 0, "chat_template": False, "seed": 0, "batch_size": 16,
@@ -459,7 +459,9 @@ def benchmark(model_dir: Path, params: dict, out: Path) -> list[dict]:
         limit=p["limit"], num_fewshot=int(p["num_fewshot"]),
         apply_chat_template=chat, fewshot_as_multiturn=chat,
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-        log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS)
+        log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS)
+    named = {t["run"]: t for t in plan}
+    samples = sample_rows(results.pop("samples", {}), {run: t["task"] for run, t in named.items()})
 
     quantization = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization")
     results["config"].update({
@@ -477,9 +479,31 @@ def benchmark(model_dir: Path, params: dict, out: Path) -> list[dict]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=_json_default) + "\n")
-    named = {t["run"]: t for t in plan}
+    (out / "samples.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in samples))
     return [{**row, "task": named.get(row["task"], row)["task"], "data": named.get(row["task"], {}).get("data"),
              "backend": lm.weights} for row in metric_rows(results)]
+
+
+def sample_rows(samples: dict, names: dict) -> list[dict]:
+    """One row per question: lm-eval's logged sample reduced to what comparisons need.
+
+    names maps the lm-eval task that ran to the name the sweep asked for. Multiple-choice
+    rows keep every choice's log-likelihood; `chosen` is the argmax, as acc scores it.
+    """
+    rows = []
+    for run, task_samples in sorted(samples.items()):
+        for sample in sorted(task_samples, key=lambda x: x["doc_id"]):
+            logliks = [float(r[0]) for r in sample.get("filtered_resps", []) if isinstance(r, (list, tuple))]
+            target = sample.get("target")
+            rows.append({
+                "task": names.get(run, run), "doc_id": int(sample["doc_id"]),
+                "target": target if isinstance(target, int) else None,
+                "chosen": int(np.argmax(logliks)) if logliks else None,
+                "correct": bool(sample["acc"]) if "acc" in sample else None,
+                "correct_norm": bool(sample["acc_norm"]) if "acc_norm" in sample else None,
+                "logliks": logliks,
+            })
+    return rows
 
 
 def metric_rows(results: dict) -> list[dict]:

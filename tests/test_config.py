@@ -29,7 +29,7 @@ def test_good_sweep_parses():
 
 
 @pytest.mark.parametrize("data, where, allowed", [
-    ({**GOOD, "extra": 1}, "extra", "name, models, recipes, smoke, benchmark, publish"),
+    ({**GOOD, "extra": 1}, "extra", "name, models, recipes, smoke, benchmark, fidelity, publish"),
     ({**GOOD, "models": [{"name": "tiny", "source": "demo://tiny-llama", "revision": "main"}]},
      "models[0].revision", "name, source"),
     ({**GOOD, "benchmark": {"limt": 5}}, "benchmark.limt", "tasks, limit, num_fewshot"),

@@ -29,6 +29,7 @@ def write_sweep(path: Path, models: dict, recipes=RECIPES, **extra) -> Path:
         "recipes": recipes,
         "smoke": {"max_tokens": 16},
         "benchmark": {"tasks": ["qsweep_demo_mc"], "limit": 8},
+        "fidelity": {"window": 64, "windows": 4},
         **extra,
     }
     path.write_text(yaml.safe_dump(sweep))
@@ -100,8 +101,11 @@ def finished(tiny_model, tmp_path_factory):
 def test_first_run_computes_every_cell_and_records_metrics(finished):
     store, _, first, first_stages, _, _ = finished
     assert first.returncode == 0, first.stderr[-3000:]
-    assert len(first_stages) == len(RECIPES) * 5
+    assert len(first_stages) == len(RECIPES) * 7
     assert all(status == "done" for *_, status, _ in first_stages)
+    # the base's reference pass is one artifact for all cells: computed by the first, found by the others
+    references = [cached for _, _, stage, _, cached in first_stages if stage == "reference"]
+    assert sorted(references) == [False] + [True] * (len(RECIPES) - 1)
     # one base model: downloaded once, found in the store by the other cells
     downloads = [cached for _, _, stage, _, cached in first_stages if stage == "download"]
     assert sorted(downloads) == [False] + [True] * (len(RECIPES) - 1)
@@ -120,6 +124,22 @@ def test_recipe_layers_are_queryable(finished):
     mlp = rows(store, "SELECT DISTINCT bits FROM recipe_layers WHERE recipe = 'qx86-hi' AND path LIKE '%.mlp.%'")
     assert attention == [(8,)] and mlp == [(6,)]
     assert rows(store, "SELECT DISTINCT bits, mode FROM recipe_layers WHERE recipe = 'bf16'") == [(None, "bfloat16")]
+
+
+def test_fidelity_and_comparisons_per_recipe(finished, capsys):
+    """KL rows for every cell, per-question rows for every benchmark, and `qsweep compare` against bf16."""
+    from flows.cli import main
+
+    store = finished[0]
+    kl = dict(rows(store, "SELECT recipe, value FROM latest_metrics WHERE stage = 'fidelity' AND metric = 'kl_mean'"))
+    assert set(kl) == set(RECIPES) and kl["bf16"] < kl["q4"]
+    per_question = dict(rows(store, "SELECT recipe, count(*) FROM latest_samples WHERE task = 'qsweep_demo_mc' GROUP BY recipe"))
+    assert per_question == {r: 8 for r in RECIPES}  # limit 8
+    assert main(["--store", str(store), "compare", "--base", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "q4" in out and "qx86-hi" in out and "comparisons" in out
+    compared = rows(store, "SELECT recipe, n, p_value FROM comparisons WHERE base = 'bf16' ORDER BY recipe")
+    assert [(r, n) for r, n, _ in compared] == [("q4", 8), ("qx86-hi", 8)] and all(0 < p <= 1 for *_, p in compared)
 
 
 def test_second_run_computes_nothing(finished):
