@@ -6,6 +6,7 @@ empty-context prefix token) is lm-eval's own code, exactly as HFLM does it.
 """
 
 import functools
+import hashlib
 import json
 from collections import defaultdict
 from importlib.metadata import version
@@ -17,11 +18,11 @@ import numpy as np
 from lm_eval.api.model import TemplateLM
 from prefect import task
 
-from storage.artifacts import ArtifactRef, Store
+from storage.artifacts import ArtifactRef, Store, artifact_key
 from tasks import cpu
 from tasks.stage import artifact_cache
 
-CODE_VERSION = "5"  # 5: per-question samples.jsonl
+CODE_VERSION = "6"  # 5: per-question samples.jsonl; 6: scored in checkpointed chunks (resume)
 LOCAL_TASKS = Path(__file__).parent / "data" / "lm_eval"
 
 DEFAULTS = {"tasks": [], "limit": None, "num_fewshot": 0, "chat_template": False, "seed": 0, "batch_size": 16,
@@ -62,6 +63,8 @@ TOKENS_PER_BATCH = 4096
 # Questions share a row up to this many tokens: long enough to pack well, short enough that
 # attention (quadratic in the row) stays small beside the matmuls.
 ROW_TOKENS = 64
+# Requests scored between two checkpoint writes: a resume redoes at most this many.
+CHECKPOINT_EVERY = 512
 # A stream gets at least this many context tokens, or matmuls get too thin to pay for the split.
 MIN_TOKENS_PER_STREAM = 128
 # Top-level fields of lm-eval's results that change with the clock, machine or
@@ -73,8 +76,11 @@ VOLATILE_KEYS = {"date", "start_time", "end_time", "total_evaluation_time_second
 class MLXLM(TemplateLM):
     backend = "causal"
 
-    def __init__(self, model_dir: Path, batch_size: int = 16, max_length: int | None = None, backend: str = "native"):
+    def __init__(self, model_dir: Path, batch_size: int = 16, max_length: int | None = None, backend: str = "native",
+                 checkpoint: Path | None = None):
         super().__init__()
+        self.checkpoint = Path(checkpoint) if checkpoint else None  # scored requests so far: see _loglikelihood_tokens
+        self.resumed = 0  # requests taken from the checkpoint instead of scored
         self.model_dir = Path(model_dir)
         self.model, self.tokenizer = load_as(self.model_dir, backend)
         cpu.fast_swiglu(self.model)
@@ -117,7 +123,35 @@ class MLXLM(TemplateLM):
 
     # ---- scoring
     def _loglikelihood_tokens(self, requests, **kwargs) -> list[tuple[float, bool]]:
-        """requests: [((context, continuation), context_tokens, continuation_tokens)]."""
+        """requests: [((context, continuation), context_tokens, continuation_tokens)].
+
+        With a checkpoint file, requests are scored in fixed chunks and each chunk's results
+        are appended to it; a benchmark killed halfway resumes from what it had finished.
+        The chunks are the same with or without a resume, so the numbers are too.
+        """
+        if self.checkpoint is None:
+            return self._score(requests)
+        keys = [_request_key(ctx, cont) for _, ctx, cont in requests]
+        done = {}
+        if self.checkpoint.exists():
+            for line in self.checkpoint.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by the kill
+                    continue
+                done[row["key"]] = (row["logprob"], row["greedy"])
+        todo = [i for i, k in enumerate(keys) if k not in done]
+        self.resumed += len(requests) - len(todo)
+        for start in range(0, len(todo), CHECKPOINT_EVERY):
+            chunk = todo[start:start + CHECKPOINT_EVERY]
+            scored = self._score([requests[i] for i in chunk])
+            with self.checkpoint.open("a") as f:
+                for i, (logprob, greedy) in zip(chunk, scored):
+                    done[keys[i]] = (logprob, greedy)
+                    f.write(json.dumps({"key": keys[i], "logprob": logprob, "greedy": greedy}) + "\n")
+        return [done[k] for k in keys]
+
+    def _score(self, requests) -> list[tuple[float, bool]]:
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         by_context = defaultdict(list)
         for i, (_, ctx, cont) in enumerate(requests):
@@ -421,6 +455,10 @@ class _PositionedRoPE(nn.Module):
         return self.inner(x, offset=offset)
 
 
+def _request_key(ctx: list[int], cont: list[int]) -> str:
+    return hashlib.sha256(json.dumps([list(ctx), list(cont)]).encode()).hexdigest()[:32]
+
+
 def _context_length(config: dict) -> int:
     for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length"):
         value = config.get(key) or config.get("text_config", {}).get(key)
@@ -442,8 +480,8 @@ def task_manager_for(tasks: list[str]):
     return local if all(t in local.all_tasks for t in tasks) else _task_manager(True)
 
 
-def benchmark(model_dir: Path, params: dict, out: Path) -> list[dict]:
-    """Run lm-eval on the model in model_dir; write out/results.json; return metric rows."""
+def benchmark(model_dir: Path, params: dict, out: Path, checkpoint: Path | None = None) -> list[dict]:
+    """Run lm-eval on the model in model_dir; write out/results.json and samples.jsonl; return metric rows."""
     import lm_eval
 
     p = {**DEFAULTS, **params}
@@ -451,7 +489,7 @@ def benchmark(model_dir: Path, params: dict, out: Path) -> list[dict]:
     # official task) and where its data came from; rows carry the requested name and that source.
     plan = p.get("plan") or [{"task": t, "run": t, "data": None} for t in p["tasks"]]
     tasks, seed, chat = [t["run"] for t in plan], int(p["seed"]), bool(p["chat_template"])
-    lm = MLXLM(Path(model_dir), batch_size=int(p["batch_size"]), backend=p["backend"])
+    lm = MLXLM(Path(model_dir), batch_size=int(p["batch_size"]), backend=p["backend"], checkpoint=checkpoint)
     if chat and not lm.tokenizer.has_chat_template:
         raise ValueError(f"chat_template=True but the tokenizer in {model_dir} has no chat template")
     results = lm_eval.simple_evaluate(
@@ -559,5 +597,10 @@ def _json_default(obj):
 def benchmark_task(store: str, params: dict, inputs: list[ArtifactRef]) -> ArtifactRef:
     s = Store(store)
     model_dir = s.path(inputs[0])
-    return s.produce("benchmark", CODE_VERSION, params, inputs,
-                     lambda out: {"metrics": benchmark(model_dir, params, out)})
+    # Outside the artifact's temporary folder, which a crashed run leaves to be cleaned away.
+    checkpoint = s.root / "partial" / "benchmark" / f"{artifact_key('benchmark', CODE_VERSION, params, inputs)}.jsonl"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    ref = s.produce("benchmark", CODE_VERSION, params, inputs,
+                    lambda out: {"metrics": benchmark(model_dir, params, out, checkpoint)})
+    checkpoint.unlink(missing_ok=True)
+    return ref

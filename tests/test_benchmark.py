@@ -224,3 +224,36 @@ def test_unknown_backend_names_the_allowed_values(tiny_model):
     with pytest.raises(ValueError, match="allowed: auto, native, fp32"):
         MLXLM(tiny_model, backend="gpu")
     assert resolve_backend("auto") in ("native", "fp32")
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_benchmark_resumes_from_its_checkpoint(tiny_model, tmp_path, monkeypatch):
+    """Scored chunks survive a crash: the rerun scores only the rest, and gives the uninterrupted numbers."""
+    import tasks.benchmark as benchmark_module
+
+    monkeypatch.setattr(benchmark_module, "CHECKPOINT_EVERY", 40)
+    params = {"tasks": ["qsweep_demo_mc"], "limit": 30}  # 120 requests: 3 chunks
+    whole = benchmark(tiny_model, params, tmp_path / "whole", tmp_path / "whole.jsonl")
+
+    calls, alive = [], [False]
+    score = MLXLM._score
+
+    def dies_on_the_second_chunk(self, requests):
+        calls.append(len(requests))
+        if len(calls) == 2 and not alive[0]:
+            raise Killed("killed mid-benchmark")
+        return score(self, requests)
+
+    monkeypatch.setattr(MLXLM, "_score", dies_on_the_second_chunk)
+    with pytest.raises(Killed):
+        benchmark(tiny_model, params, tmp_path / "killed", tmp_path / "resume.jsonl")
+    assert len((tmp_path / "resume.jsonl").read_text().splitlines()) == 40
+    calls.clear()
+    alive[0] = True
+    resumed = benchmark(tiny_model, params, tmp_path / "resumed", tmp_path / "resume.jsonl")
+    assert calls == [40, 40]  # the first chunk came from the checkpoint
+    assert resumed == whole
+    assert (tmp_path / "resumed" / "samples.jsonl").read_bytes() == (tmp_path / "whole" / "samples.jsonl").read_bytes()
