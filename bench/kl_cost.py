@@ -25,19 +25,22 @@ if __name__ == "__main__":
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tasks.fidelity import DEFAULTS, _load, _log_probs, fidelity, reference, windows  # noqa: E402
+from tasks.fidelity import DEFAULTS, _load, _passes, fidelity, reference, windows  # noqa: E402
 from tasks.quantize import quantize  # noqa: E402
 from tasks.recipes import get_recipe  # noqa: E402
 
 
 def plain_perplexity(model_dir: Path, params: dict) -> float:
-    """A perplexity stage without the comparison: load, forward every window, average the NLL."""
+    """A perplexity stage without the comparison: load, forward every window (the same passes), average the NLL."""
     model, tokenizer = _load(model_dir, params["backend"])
     tokens = windows(tokenizer, params)
-    half, nll = tokens.shape[1] // 2, []
-    for start, logp in _log_probs(model, tokens):
-        targets = mx.array(tokens[start:start + len(logp), half:])
-        nll.append(-np.array(mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]))
+    half = tokens.shape[1] // 2
+
+    def target(logp, first):
+        targets = mx.array(tokens[first:first + len(logp), half:])
+        return mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+    nll = [-np.array(t) for _, t in _passes(model, tokens, target)]
     return float(np.exp(np.concatenate(nll).mean()))
 
 
@@ -51,8 +54,10 @@ def best_of(repeats: int, fn):
 
 
 def full_kl(base, quant, tokens: np.ndarray) -> float:
+    """KL over the whole vocabulary, position by position: what the top-k reference approximates."""
     total, count = 0.0, 0
-    for (_, lb), (_, lq) in zip(_log_probs(base, tokens), _log_probs(quant, tokens)):
+    keep = lambda logp, first: logp  # noqa: E731
+    for (_, lb), (_, lq) in zip(_passes(base, tokens, keep), _passes(quant, tokens, keep)):
         total += (mx.exp(lb) * (lb - lq)).sum().item()
         count += lb.shape[0] * lb.shape[1]
     return total / count

@@ -214,22 +214,7 @@ class MLXLM(TemplateLM):
 
     @functools.cached_property
     def _trunk_and_head(self):
-        """(trunk, head) with model(x) == head(trunk(x)), checked on a probe; else (model, identity).
-
-        The vocabulary projection (and the log-softmax after it) then runs only at the
-        positions whose log-probs are read, not at every context token.
-        """
-        trunk, head = getattr(self.model, "model", None), getattr(self.model, "lm_head", None)
-        if head is None and trunk is not None and hasattr(getattr(trunk, "embed_tokens", None), "as_linear"):
-            head = trunk.embed_tokens.as_linear
-        if trunk is not None and head is not None:
-            probe = mx.array([[self.prefix_token_id, 0, 1, 2]])
-            try:
-                if mx.array_equal(self.model(probe), head(trunk(probe))).item():
-                    return trunk, head
-            except Exception:  # a model built another way: score it whole
-                pass
-        return self.model, lambda h: h
+        return trunk_and_head(self.model, self.prefix_token_id)
 
     @functools.cached_property
     def _packing(self) -> bool:
@@ -453,6 +438,25 @@ class _PositionedRoPE(nn.Module):
             rows = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
             return self.inner(rows, offset=offset.reshape(-1)).reshape(B, L, H, D).transpose(0, 2, 1, 3)
         return self.inner(x, offset=offset)
+
+
+def trunk_and_head(model, token: int = 0):
+    """(trunk, head) with model(x) == head(trunk(x)), checked on a probe; else (model, identity).
+
+    The vocabulary projection (and the log-softmax after it) then runs only at the
+    positions whose log-probs are read, not at every context token.
+    """
+    trunk, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if head is None and trunk is not None and hasattr(getattr(trunk, "embed_tokens", None), "as_linear"):
+        head = trunk.embed_tokens.as_linear
+    if trunk is not None and head is not None:
+        probe = mx.array([[token, 0, 1, 2]])
+        try:
+            if mx.array_equal(model(probe), head(trunk(probe))).item():
+                return trunk, head
+        except Exception:  # a model built another way: score it whole
+            pass
+    return model, lambda h: h
 
 
 def _request_key(ctx: list[int], cont: list[int]) -> str:

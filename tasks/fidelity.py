@@ -36,10 +36,10 @@ from prefect import task
 
 from storage.artifacts import ArtifactRef, Store
 from tasks import cpu
-from tasks.benchmark import load_as
+from tasks.benchmark import load_as, trunk_and_head
 from tasks.stage import artifact_cache
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: top-k by partition, top-1 stored; passes split over CPU streams
 DATA = Path(__file__).parent / "data"
 DEFAULTS = {"corpus": "qsweep:data/hamlet.txt", "window": 512, "windows": 12, "top_k": 4096, "backend": "fp32"}
 WINDOWS_PER_PASS = 4  # windows in one forward pass: bounds the logits held at once (window/2 x vocab each)
@@ -64,13 +64,27 @@ def windows(tokenizer, params: dict) -> np.ndarray:
     return np.array(rows, dtype=np.int32)
 
 
-def _log_probs(model, tokens: np.ndarray):
-    """Yield (first row, log-probs of the scored half) per pass: (rows, window/2, vocab) float32."""
-    half = tokens.shape[1] // 2
+def _passes(model, tokens: np.ndarray, per_part):
+    """Run the windows in passes; yield (first row, per_part's arrays) for each part of each pass.
+
+    per_part(log_probs of the scored half (rows, window/2, vocab) float32, first row) builds the
+    arrays to keep, lazily: a pass's parts run on one CPU stream each (tasks/cpu.py), all of the
+    work, comparison included, so that every core is busy; only what per_part keeps is evaluated.
+    """
+    trunk, head = trunk_and_head(model)
+    streams, half = cpu.streams(), tokens.shape[1] // 2
     for start in range(0, len(tokens), WINDOWS_PER_PASS):
-        batch = mx.array(tokens[start:start + WINDOWS_PER_PASS])
-        logits = model(batch)[:, half - 1:-1].astype(mx.float32)  # position t predicts token t + 1
-        yield start, logits - cpu.logsumexp(logits)[..., None]
+        rows = np.arange(start, min(start + WINDOWS_PER_PASS, len(tokens)))
+        parts = [p for p in np.array_split(rows, min(len(streams), len(rows))) if len(p)]
+        pending = []
+        with cpu.blas_threads(1 if len(parts) > 1 else None):
+            for stream, part in zip(streams, parts):
+                with mx.stream(stream):
+                    hidden = trunk(mx.array(tokens[part]))[:, half - 1:-1]  # position t predicts token t + 1
+                    logits = head(hidden).astype(mx.float32)
+                    pending.append((int(part[0]), per_part(logits - cpu.logsumexp(logits)[..., None], int(part[0]))))
+            mx.eval([arrays for _, arrays in pending])
+        yield from pending
 
 
 def _load(model_dir: Path, backend: str):
@@ -92,14 +106,19 @@ def reference(base_dir: Path, params: dict, out: Path) -> dict:
     model, tokenizer = _load(base_dir, p["backend"])
     tokens = windows(tokenizer, p)
     half, k = tokens.shape[1] // 2, int(p["top_k"])
-    parts = {"top_ids": [], "top_logp": [], "rest_logp": [], "target_logp": []}
-    for start, logp in _log_probs(model, tokens):
-        targets = mx.array(tokens[start:start + len(logp), half:])
-        top_ids = mx.argsort(-logp, axis=-1)[..., :k]
+
+    def keep(logp, first):
+        k_ = min(k, logp.shape[-1])
+        # the top k in no particular order (a partition, not a sort), and the top 1 on its own
+        top_ids = mx.argpartition(-logp, kth=k_ - 1, axis=-1)[..., :k_].astype(mx.int32)
         top_logp, rest = _top_and_rest(logp, top_ids)
-        top_logp = top_logp.astype(mx.float16)
+        targets = mx.array(tokens[first:first + len(logp), half:])
         target = mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        for name, value in zip(parts, (top_ids, top_logp, rest, target)):
+        return top_ids, top_logp.astype(mx.float16), rest, target, mx.argmax(logp, axis=-1).astype(mx.int32)
+
+    parts = {"top_ids": [], "top_logp": [], "rest_logp": [], "target_logp": [], "top1": []}
+    for _, arrays in _passes(model, tokens, keep):
+        for name, value in zip(parts, arrays):
             parts[name].append(np.array(value))
     arrays = {name: np.concatenate(v) for name, v in parts.items()}
     np.savez(out / "reference.npz", tokens=tokens, **arrays)
@@ -114,21 +133,28 @@ def compare(model, ref: dict) -> dict:
     """Per-token statistics of `model` against the reference arrays; see the module doc for definitions."""
     tokens = ref["tokens"]
     half = tokens.shape[1] // 2
-    kl, nll, same, dp = [], [], [], []
-    for start, logp in _log_probs(model, tokens):
-        end = start + len(logp)
-        top_ids = mx.array(ref["top_ids"][start:end])
-        top_logp = mx.array(ref["top_logp"][start:end]).astype(mx.float32)
-        rest_b = mx.array(ref["rest_logp"][start:end])
+
+    def stats(logp, first):
+        end = first + len(logp)
+        top_ids = mx.array(ref["top_ids"][first:end])
+        top_logp = mx.array(ref["top_logp"][first:end]).astype(mx.float32)
+        rest_b = mx.array(ref["rest_logp"][first:end])
         q_top, rest_q = _top_and_rest(logp, top_ids)
         q_top = q_top.astype(mx.float16).astype(mx.float32)  # rounded as the base's were: a model against itself reads 0
-        p_top, p_rest = mx.exp(top_logp), mx.exp(rest_b)
+        p_rest = mx.exp(rest_b)
         rest_term = mx.where(p_rest > 0, p_rest * (rest_b - rest_q), 0.0)  # no rest when k covers the vocabulary
-        kl.append(np.array(mx.maximum((p_top * (top_logp - q_top)).sum(axis=-1) + rest_term, 0.0)))
-        target = mx.take_along_axis(logp, mx.array(tokens[start:end, half:])[..., None], axis=-1)[..., 0]
-        nll.append(-np.array(target))
-        same.append(np.array(mx.argmax(logp, axis=-1) == top_ids[..., 0]))
-        dp.append(np.exp(np.array(target)) - np.exp(ref["target_logp"][start:end]))
+        kl = mx.maximum((mx.exp(top_logp) * (top_logp - q_top)).sum(axis=-1) + rest_term, 0.0)
+        target = mx.take_along_axis(logp, mx.array(tokens[first:end, half:])[..., None], axis=-1)[..., 0]
+        same = mx.argmax(logp, axis=-1) == mx.array(ref["top1"][first:end])
+        return kl, target, same
+
+    kl, nll, same, dp = [], [], [], []
+    for first, (k, target, s) in _passes(model, tokens, stats):
+        target = np.array(target)
+        kl.append(np.array(k))
+        nll.append(-target)
+        same.append(np.array(s))
+        dp.append(np.exp(target) - np.exp(ref["target_logp"][first:first + len(target)]))
     kl, nll, same, dp = (np.concatenate(x).ravel().astype(np.float64) for x in (kl, nll, same, dp))
     base_nll = -ref["target_logp"].ravel().astype(np.float64)
     n = kl.size
