@@ -14,7 +14,7 @@ divide the width. Both fall back to float here, and the plan says so.
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.recipes import Recipe
+from tasks.recipes import Recipe, layer_index
 
 
 @dataclass(frozen=True)
@@ -102,13 +102,8 @@ def make_plan(recipe: Recipe, modules: list[tuple[str, int, int, object]], n_lay
                     f"{quant['group_size']} ({source})")
         if note:
             quant, source = None, "fallback"
-        out.append(LayerPlan(path, _layer(path), out_features, in_features, quant, source, note))
+        out.append(LayerPlan(path, layer_index(path), out_features, in_features, quant, source, note))
     return Plan(recipe, n_layers, tuple(out))
-
-
-def _layer(path: str) -> int | None:
-    from tasks.recipes import layer_index
-    return layer_index(path)
 
 
 def model_config(model: str | Path) -> dict:
@@ -143,7 +138,7 @@ def model_modules(model: str | Path):
     model = model_class(args_class.from_dict(config))  # parameters stay lazy: never evaluated here
     modules = [(path, m.weight.shape[0], m.weight.shape[-1], m) for path, m in model.named_modules()
                if hasattr(m, "to_quantized") and hasattr(m, "weight")]
-    modules.sort(key=lambda x: (x[0] != "model.embed_tokens", _layer(x[0]) or 0, x[0]))
+    modules.sort(key=lambda x: (x[0] != "model.embed_tokens", layer_index(x[0]) or 0, x[0]))
     return modules, len(model.layers), getattr(model, "quant_predicate", None)
 
 
