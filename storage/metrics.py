@@ -167,25 +167,22 @@ class MetricStore:
 
     def record_layers(self, model, recipe, artifact_key, rows: list[dict]):
         """A quantized artifact's per-module plan; recorded once per artifact."""
-        if not rows:
-            return
-        with self.connect() as con:
-            con.executemany(
-                "INSERT INTO recipe_layers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                [[model, recipe, artifact_key, r["path"], r["layer"], r["out_features"], r["in_features"], r["bits"],
-                  r["group_size"], r["mode"], r["source"], r["note"]] for r in rows],
-            )
+        self._record_once("recipe_layers", ("path", "layer", "out_features", "in_features", "bits", "group_size",
+                                            "mode", "source", "note"), model, recipe, artifact_key, rows)
 
     def record_samples(self, model, recipe, artifact_key, rows: list[dict]):
         """A benchmark artifact's per-question rows; recorded once per artifact."""
+        self._record_once("samples", ("task", "doc_id", "target", "chosen", "correct", "correct_norm", "logliks"),
+                          model, recipe, artifact_key, rows)
+
+    def _record_once(self, table: str, fields: tuple, model, recipe, artifact_key, rows: list[dict]):
+        """Rows of a table keyed by artifact: model, recipe, artifact_key, then `fields` in column order."""
         if not rows:
             return
+        marks = ", ".join("?" * (3 + len(fields)))
         with self.connect() as con:
-            con.executemany(
-                "INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                [[model, recipe, artifact_key, r["task"], r["doc_id"], r["target"], r["chosen"], r["correct"],
-                  r["correct_norm"], r["logliks"]] for r in rows],
-            )
+            con.executemany(f"INSERT INTO {table} VALUES ({marks}) ON CONFLICT DO NOTHING",
+                            [[model, recipe, artifact_key, *(r[f] for f in fields)] for r in rows])
 
     def record_comparisons(self, model: str, base: str, rows: list):
         """Replace the comparisons of `model` against `base` (tasks.compare.Comparison rows)."""

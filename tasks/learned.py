@@ -17,11 +17,13 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from tasks.recipes import METHODS
+
 CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
 
 # gptq.quantize packs codes itself and asserts bits in {2, 4, 8}; AWQ quantizes
 # through mx.quantize, so it takes whatever affine mode takes.
-BITS = {"gptq": (2, 4, 8), "awq": (2, 3, 4, 5, 6, 8)}
+BITS = METHODS  # one table, in tasks/recipes.py, for the recipe check and this one
 GROUP_SIZES = (32, 64, 128)
 
 # What the scripts' main() default to for the layers the method does not learn.
