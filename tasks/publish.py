@@ -1,25 +1,32 @@
-"""publish: quantized model + its metrics -> model card, local export, hub upload.
+"""publish: a cell's model card, its local export, and its upload to the Hugging Face Hub.
 
-The card is the artifact (deterministic from its inputs). Delivering it, the
-export folder (model files + card) and the upload (only when the sweep names a
-hub repo and a token is present), happens whenever the export folder does not
-yet hold this card, or holds it but has not uploaded it while it now could. The token is read by huggingface_hub
-itself and never passes through our code, logs or files.
+The card is the stage's artifact, keyed by the digest of the facts it shows (tasks/card.py),
+so it changes when a sibling's numbers do and never otherwise. Delivering it is redone
+whenever it does not hold: the export folder (model files + card) lacks this card, or the
+hub should have it and does not. An upload is planned against the remote's files first
+(`plan_upload`): only files that differ are sent, in one commit per cell, and a plan with
+nothing to send sends nothing. `--dry-run` prints that plan and sends nothing.
+
+The token is read by huggingface_hub itself (HF_TOKEN or `hf auth login`) and never passes
+through our code, logs, artifacts or cards; every message that leaves here is redacted.
 """
 
+import fnmatch
+import hashlib
 import json
 import shutil
-from collections import Counter
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from storage.artifacts import MANIFEST, ArtifactRef, Store
-from storage.keys import tool_versions
-from tasks.download import redact
+from storage.artifacts import MANIFEST, ArtifactRef, Store, artifact_key, file_sha256
+from tasks import card as cards
+from tasks.download import MODEL_FILES, redact
 from tasks.stage import artifact_cache
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: cards from tasks/card.py, keyed by their facts
 RECEIPT = ".qsweep-publish.json"  # in the export folder: which card it holds, where it was uploaded
 
 
@@ -27,85 +34,119 @@ class PublishError(RuntimeError):
     pass
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
+# --- the hub -------------------------------------------------------------------------------------
+
+@dataclass
+class Upload:
+    """What publishing a folder to a hub repo sends: one commit, or nothing."""
+
+    repo_id: str
+    private: bool
+    message: str
+    create: bool = False                                   # the repo does not exist yet (or is not visible)
+    add: list[tuple[str, int]] = field(default_factory=list)  # (file, bytes) new or changed
+    delete: list[str] = field(default_factory=list)        # model files of an earlier upload that this one lacks
+    unchanged: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)          # remote files qsweep did not write: left alone
+    note: str = ""                                         # e.g. why the remote could not be read
+
+    def empty(self) -> bool:
+        return not (self.create or self.add or self.delete)
+
+    def operations(self) -> list[str]:
+        ops = [f"create_repo {self.repo_id} ({'private' if self.private else 'public'})"] if self.create else []
+        ops += [f"upload {name} ({size:,} bytes)" for name, size in self.add]
+        ops += [f"delete {name}" for name in self.delete]
+        if self.add or self.delete:
+            ops.append(f'commit to {self.repo_id}: "{self.message}"')
+        return ops or [f"nothing to send: {self.repo_id} already holds these {len(self.unchanged)} files"]
 
 
-def _layer_summary(layers: dict, defaults: dict) -> list[str]:
-    by_bits = Counter((v["bits"], v["group_size"], v.get("mode", "affine")) for v in layers.values())
-    lines = []
-    if defaults.get("bits"):
-        lines.append(f"- default: {defaults['bits']}-bit {defaults.get('mode', 'affine')}, group size {defaults['group_size']}")
-    for (bits, gs, mode), count in sorted(by_bits.items(), reverse=True):
-        examples = sorted({".".join(p for p in k.split(".") if not p.isdigit()) for k, v in layers.items()
-                           if (v["bits"], v["group_size"], v.get("mode", "affine")) == (bits, gs, mode)})
-        lines.append(f"- {bits}-bit {mode}, group size {gs}: {count} modules ({', '.join(examples)})")
-    return lines or ["- no quantization"]
+def git_blob_sha1(path: Path) -> str:
+    """The id git (and the hub, for non-LFS files) gives a file's content."""
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def model_card(params: dict, quantized: dict, smoke: dict, benchmark: dict) -> str:
-    metric = {r["metric"]: r["value"] for r in quantized["info"]["metrics"]}
-    source = params["source"]
-    base = f"{source['repo']}" if source.get("kind") == "hf" else None
-    tags = ["mlx", "qsweep", "quantized" if quantized["info"]["defaults"] else "bf16", params["recipe"]["name"]]
-    front = ["---", "library_name: mlx", "pipeline_tag: text-generation"]
-    if base:
-        front += [f"base_model: {base}", "base_model_relation: quantized"]
-    if params.get("license"):
-        front.append(f"license: {params['license']}")
-    front += ["tags:"] + [f"- {t}" for t in tags] + ["---", ""]
+def plan_upload(api, folder: Path, repo_id: str, private: bool, message: str) -> Upload:
+    """Compare `folder` with the repo's files: which to add, which stale model files to delete."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.hf_api import RepoFile
 
-    name = f"{params['model']}-{params['recipe']['name']}-mlx"
-    where = (f"[{base}](https://huggingface.co/{base}) at revision `{source['revision']}`" if base
-             else f"`{params['model']}` ({source.get('kind')} source, content digest `{quantized['inputs'][0]['digest'][:12]}`)")
-    recipe = params["recipe"]
-    if source.get("kind") == "gguf":
-        where = (f"`{params['model']}`, a GGUF file already quantized at **{source['quantization']}** "
-                 f"(sha256 `{source['content'][:12]}`; its weights were dequantized, so they carry that rounding "
-                 f"and no recipe here is more precise than it)")
-    lines = front + [
-        f"# {name}", "",
-        f"This model was quantized from {where} with the qsweep recipe **{recipe['name']}**"
-        + (f": {params['recipe_description']}." if params.get("recipe_description") else "."), "",
-        "| | |", "|---|---|",
-        f"| bits per weight | {metric['bits_per_weight']:.2f} |",
-        f"| size on disk | {_size(metric['disk_bytes'])} |",
-        f"| weights dtype | {recipe['dtype']} |", "",
-        "Quantization plan:", *_layer_summary(quantized["info"]["layers"], quantized["info"]["defaults"]), "",
-    ]
-
-    results = benchmark["results"]
-    run = benchmark["config"]["params"]
-    lines += ["## Benchmarks", "",
-              f"lm-eval {benchmark['lm_eval_version']}, {run['num_fewshot']}-shot, limit {run['limit']}, "
-              f"chat template {'on' if benchmark['config']['apply_chat_template'] else 'off'}, "
-              f"evaluated with {run.get('backend', 'native')} weights.", "",
-              "| task | acc | acc_norm | n | data |", "|---|---|---|---|---|"]
-    plan = {t["run"]: t for t in run.get("plan") or []}  # offline copies report under the official name
-    for task_name, r in sorted(results.items()):
-        def cell(m):
-            v, e = r.get(f"{m},none"), r.get(f"{m}_stderr,none")
-            return "" if v is None else f"{v:.3f}" + (f" ± {e:.3f}" if isinstance(e, (int, float)) else "")
-        shown = plan.get(task_name, {"task": task_name, "data": ""})
-        lines.append(f"| {shown['task']} | {cell('acc')} | {cell('acc_norm')} | "
-                     f"{benchmark['n-samples'].get(task_name, {}).get('effective', '')} | {shown['data'] or ''} |")
-
-    answer = smoke["text"].strip().replace("\n", " ")
-    lines += ["", "## Smoke test", "", f"Prompt: {smoke['prompt']}", "",
-              f"Answer ({smoke['verdict']}): {answer[:300]}", "",
-              "## Use with mlx", "", "```python", "from mlx_lm import load, generate", "",
-              f'model, tokenizer = load("{params.get("repo_id") or name}")',
-              'messages = [{"role": "user", "content": "hello"}]',
-              "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)",
-              "print(generate(model, tokenizer, prompt=prompt, max_tokens=100))", "```", "",
-              "Made with qsweep: " + ", ".join(f"{k} {v}" for k, v in tool_versions().items()) + ".", ""]
-    return "\n".join(lines)
+    plan = Upload(repo_id, private, message)
+    try:
+        remote = {e.path: e for e in api.list_repo_tree(repo_id, recursive=True) if isinstance(e, RepoFile)}
+    except RepositoryNotFoundError:
+        remote, plan.create = {}, True
+    local = sorted(p for p in folder.iterdir() if p.is_file() and p.name != RECEIPT)
+    for path in local:
+        there = remote.get(path.name)
+        same = there is not None and (there.lfs.sha256 == file_sha256(path) if there.lfs else there.blob_id == git_blob_sha1(path))
+        (plan.unchanged.append(path.name) if same else plan.add.append((path.name, path.stat().st_size)))
+    names = {p.name for p in local}
+    for name in sorted(set(remote) - names):
+        ours = "/" not in name and (name == "README.md" or any(fnmatch.fnmatchcase(name, p) for p in MODEL_FILES))
+        (plan.delete if ours else plan.kept).append(name)  # e.g. a shard of an earlier, larger upload
+    return plan
 
 
-def export(model_dir: Path, card: str, dest: Path) -> None:
+def send(api, folder: Path, plan: Upload) -> str | None:
+    """Carry out a plan: create the repo if needed, then one commit. Returns the commit's URL."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    if plan.create:
+        api.create_repo(plan.repo_id, private=plan.private, exist_ok=True)
+    if not (plan.add or plan.delete):
+        return None
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name, _ in plan.add]
+    operations += [CommitOperationDelete(path_in_repo=name) for name in plan.delete]
+    info = api.create_commit(plan.repo_id, operations=operations, commit_message=plan.message)
+    return str(getattr(info, "commit_url", info))
+
+
+def hub_error(e: Exception, repo_id: str) -> PublishError:
+    """A hub failure as one clear line; never the hub's own exception, whose text may carry headers."""
+    return PublishError(redact(f"publishing to hub repo {repo_id!r} failed: {_why(e)}. Every local result is intact; "
+                               "retry the upload alone with `qsweep publish SWEEP_FILE`"))
+
+
+def _why(e: Exception) -> str:
+    from huggingface_hub import constants
+
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status == 401:
+        why = "the hub refused the token (401): set HF_TOKEN or run `hf auth login` with a token that can write"
+    elif status == 403:
+        why = ("no write access (403): the repo or its namespace belongs to someone else, "
+               "or the token is read-only")
+    elif status is None and (isinstance(e, (OSError, ConnectionError)) or "Connect" in type(e).__name__):
+        why = f"the hub at {constants.ENDPOINT} is not reachable ({type(e).__name__})"
+    else:
+        first = (str(e).strip().splitlines() or [""])[0]
+        why = f"{type(e).__name__}{f' {status}' if status else ''}: {first}"
+    return redact(why)
+
+
+def hub_api():
+    from huggingface_hub import HfApi
+
+    return HfApi()  # the token: huggingface_hub's own lookup (HF_TOKEN, then `hf auth login`)
+
+
+def wants_upload(params: dict) -> bool:
+    from huggingface_hub import get_token
+
+    return bool(params.get("repo_id")) and get_token() is not None
+
+
+def commit_message(params: dict, card_key: str, quantized: ArtifactRef) -> str:
+    return (f"qsweep: {params['model']} with recipe {params['recipe']['name']} "
+            f"(quantize artifact {quantized.key[:16]}, card {card_key[:16]})")
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+def export(model_dir: Path, card_dir: Path, dest: Path) -> None:
     """Model files plus the card into `dest`, replacing what was there, atomically."""
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -113,41 +154,10 @@ def export(model_dir: Path, card: str, dest: Path) -> None:
     for f in model_dir.iterdir():
         if f.is_file() and f.name not in (MANIFEST, "README.md", RECEIPT):
             shutil.copyfile(f, tmp / f.name)
-    (tmp / "README.md").write_text(card)
+    shutil.copyfile(card_dir / "README.md", tmp / "README.md")
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
-
-
-def upload(folder: Path, repo_id: str, private: bool) -> str:
-    from huggingface_hub import HfApi
-
-    try:
-        api = HfApi()
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="qsweep publish",
-                                 ignore_patterns=[RECEIPT])
-        return str(getattr(info, "commit_url", info))
-    except Exception as e:  # never re-raise the hub's own exception: its text may carry request headers
-        raise PublishError(redact(f"upload to hub repo {repo_id!r} failed: {type(e).__name__}: {e}")) from None
-
-
-def write_card(store: Store, params: dict, inputs: list[ArtifactRef], out: Path) -> dict:
-    quantized, smoke, benchmark = inputs
-    card = model_card(
-        params,
-        store.manifest(quantized),
-        json.loads((store.path(smoke) / "smoke.json").read_text()),
-        json.loads((store.path(benchmark) / "results.json").read_text()),
-    )
-    (out / "README.md").write_text(card)
-    return {}
-
-
-def wants_upload(params: dict) -> bool:
-    from huggingface_hub import get_token
-
-    return bool(params.get("repo_id")) and get_token() is not None
 
 
 def delivered(card_key: str, params: dict, dest: Path) -> bool:
@@ -161,27 +171,81 @@ def delivered(card_key: str, params: dict, dest: Path) -> bool:
 
 def deliver(store: Store, card: ArtifactRef, quantized: ArtifactRef, params: dict, dest: Path) -> dict:
     """Export the model with its card to `dest`, upload it when asked and able; return the receipt."""
-    export(store.path(quantized), (store.path(card) / "README.md").read_text(), dest)
     receipt = {"card": card.key, "exported_to": str(dest), "uploaded": None}
+    if not delivered(card.key, {}, dest):  # else the export holds this card already: upload from it
+        export(store.path(quantized), store.path(card), dest)
+        (dest / RECEIPT).write_text(json.dumps(receipt, indent=2))  # so that a failed upload re-exports nothing
     if params.get("repo_id"):
         if wants_upload(params):
-            receipt["uploaded"] = upload(dest, params["repo_id"], params.get("private", True))
+            api, repo = hub_api(), params["repo_id"]
+            try:
+                plan = plan_upload(api, dest, repo, params.get("private", True), commit_message(params, card.key, quantized))
+                receipt["uploaded"] = {"repo": repo, "commit": send(api, dest, plan), "operations": plan.operations()}
+            except PublishError:
+                raise
+            except Exception as e:
+                raise hub_error(e, repo) from None
         else:
             receipt["note"] = "no hub token (HF_TOKEN or `hf auth login`): exported locally only"
     (dest / RECEIPT).write_text(json.dumps(receipt, indent=2))
     return receipt
 
 
-def publish(store: Store, params: dict, inputs: list[ArtifactRef], dest: Path) -> tuple[ArtifactRef, dict]:
+def card_params(store: Store, params: dict, refs: dict[str, ArtifactRef]) -> tuple[dict, cards.CardFacts]:
+    """The publish stage's parameters: the sweep's settings plus the digest of what the card shows."""
+    facts = cards.gather(store, params, refs)
+    return {**params, "facts": facts.digest()}, facts
+
+
+def card_inputs(refs: dict[str, ArtifactRef]) -> list[ArtifactRef]:
+    return [refs[s] for s in ("quantize", "smoke", "benchmark", "fidelity") if s in refs]
+
+
+def publish(store: Store, params: dict, refs: dict[str, ArtifactRef], dest: Path) -> tuple[ArtifactRef, dict]:
     """The card is the artifact; the export and the upload are its delivery, redone when missing."""
-    card = store.produce("publish", CODE_VERSION, params, inputs, lambda out: write_card(store, params, inputs, out))
-    return card, deliver(store, card, inputs[0], params, dest)
+    params, facts = card_params(store, params, refs)
+    card = store.produce("publish", CODE_VERSION, params, card_inputs(refs), lambda out: cards.write(facts, out))
+    return card, deliver(store, card, refs["quantize"], params, dest)
+
+
+def dry_run(store: Store, params: dict, refs: dict[str, ArtifactRef]) -> tuple[str, Upload | None]:
+    """The card this cell would publish and the hub operations it would send; sends nothing, needs no token."""
+    params, facts = card_params(store, params, refs)
+    text, repo = cards.render(facts), params.get("repo_id")
+    if not repo:
+        return text, None
+    message = commit_message(params, artifact_key("publish", CODE_VERSION, params, card_inputs(refs)), refs["quantize"])
+    with tempfile.TemporaryDirectory(dir=store.root) as staging:
+        staging = Path(staging)
+        for f in store.path(refs["quantize"]).iterdir():  # links: the plan needs names and contents, not copies
+            if f.is_file() and f.name not in (MANIFEST, "README.md"):
+                (staging / f.name).symlink_to(f)
+        (staging / "README.md").write_text(text)
+        try:
+            plan = plan_upload(hub_api(), staging, repo, params.get("private", True), message)
+        except Exception as e:  # offline, or a repo we may not read: say so, and plan as for a new repo
+            plan = plan_upload(_Empty(), staging, repo, params.get("private", True), message)
+            plan.note = f"could not read {repo} on the hub ({_why(e)}); planned as for a new repo"
+    return text, plan
+
+
+class _Empty:
+    """A repo that does not exist, for planning when the hub cannot be asked."""
+
+    def list_repo_tree(self, *args, **kwargs):
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        raise RepositoryNotFoundError("not asked")
 
 
 @task(name="publish", persist_result=True,
       cache_policy=artifact_cache("publish", CODE_VERSION, done=lambda key, p: delivered(key, p["params"], Path(p["dest"]))))
-def publish_task(store: str, params: dict, inputs: list[ArtifactRef], dest: str) -> ArtifactRef:
-    card, receipt = publish(Store(store), params, inputs, Path(dest))
+def publish_task(store: str, params: dict, inputs: list[ArtifactRef], dest: str, facts: dict,
+                 quantized: ArtifactRef) -> ArtifactRef:
+    """`params` already carry the digest of `facts` (card_params), so the key says what the card shows."""
+    artifacts = Store(store)
+    card = artifacts.produce("publish", CODE_VERSION, params, inputs, lambda out: cards.write(cards.CardFacts(**facts), out))
+    receipt = deliver(artifacts, card, quantized, params, Path(dest))
     get_run_logger().info("published to %s%s", receipt["exported_to"],
-                          f" and {receipt['uploaded']}" if receipt["uploaded"] else "")
+                          f" and {receipt['uploaded']['repo']}" if receipt["uploaded"] else "")
     return card

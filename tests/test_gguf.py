@@ -114,7 +114,8 @@ def tied_model(tmp_path_factory):
 def test_gguf_converts_back_to_the_same_model(qtype, tied, tiny_model, tied_model, tmp_path):
     model_dir = tied_model if tied else tiny_model
     path = write_gguf(model_dir, tmp_path / "tiny.gguf", qtype)
-    assert gguf_info(path) == {"architecture": "llama", "quantization": qtype, "tensor_count": 4 * 9 + 2 + (not tied),
+    assert gguf_info(path) == {"architecture": "llama", "quantization": qtype, "license": None,
+                               "tensor_count": 4 * 9 + 2 + (not tied),
                                "tensor_types": {"F32": 9, qtype: 4 * 7 + 1 + (not tied)}}
     out = tmp_path / "base"
     info = convert_gguf(path, out)

@@ -1,65 +1,39 @@
-"""publish: model card, local export and hub upload, from real stage artifacts of the tiny model."""
+"""publish: the card as an artifact, the local export, and the upload, against tests/hub_server.py.
+
+The real huggingface_hub client talks HTTP to FakeHub on 127.0.0.1, as it would to the hub.
+"""
 
 import json
 import shutil
 import socket
 
 import pytest
-import yaml
 from huggingface_hub import constants, get_token
 from mlx_lm import load
 
-from hub_server import COMMIT
+from conftest import publish_params
+from hub_server import FakeHub
 from storage.artifacts import MANIFEST, Store
-from tasks import benchmark, download, publish, quantize, smoke
+from storage.metrics import MetricStore
+from tasks import publish
 from tasks.publish import PublishError
 from tasks.recipes import BUILTINS
 
-RECIPE = BUILTINS["qx86-hi"]
-TOKEN = "hf_SECRETtoken123"
-
-
-@pytest.fixture(scope="module")
-def made(tiny_model, tmp_path_factory):
-    """A store holding download -> quantize -> smoke -> benchmark of the tiny model with qx86-hi."""
-    store = Store(tmp_path_factory.mktemp("store"))
-    resolved = download.resolve_source(str(tiny_model))
-    base = store.produce("download", download.CODE_VERSION, download.key_params(resolved), [],
-                         lambda out: download.download(resolved, out))
-    q = store.produce("quantize", quantize.CODE_VERSION, RECIPE.params(), [base],
-                      lambda out: quantize.quantize(store.path(base), RECIPE, out))
-    smoke_params = {"prompt": "Say hello.", "max_tokens": 8}
-    s = store.produce("smoke", smoke.CODE_VERSION, smoke_params, [q],
-                      lambda out: smoke.smoke(store.path(q), smoke_params, out))
-    bench_params = {"tasks": ["qsweep_demo_mc"], "limit": 8, "batch_size": 8}
-    b = store.produce("benchmark", benchmark.CODE_VERSION, bench_params, [q],
-                      lambda out: {"metrics": benchmark.benchmark(store.path(q), bench_params, out)})
-    params = {"model": "tiny", "recipe": RECIPE.params(), "recipe_description": RECIPE.description,
-              "source": download.key_params(resolved), "repo_id": None, "private": True, "license": None}
-    return store, [q, s, b], params
+TOKEN = "hf_SECRETtoken123alice"
+BOB = "hf_SECRETtoken456bob"
 
 
 @pytest.fixture
-def store(made, tmp_path):
-    """This test's own copy of the store, so that no publish artifact carries over between tests."""
-    return Store(shutil.copytree(made[0].root, tmp_path / "store"))
+def store(measured, tmp_path):
+    """This test's own copy of the measured store, so that no publish carries over between tests."""
+    return Store(shutil.copytree(measured[0].root, tmp_path / "store"))
 
 
-def run_publish(store, made, dest, **change):
-    """The publish stage as a sweep runs it; returns (card, manifest info)."""
-    _, inputs, params = made
-    card, receipt = publish.publish(store, {**params, **change}, inputs, dest)
+def run_publish(store, measured, dest, recipe="qx86-hi", **change):
+    """The publish stage as a sweep runs it; returns (card text, receipt)."""
+    _, refs, resolved = measured
+    card, receipt = publish.publish(store, publish_params("tiny", resolved, BUILTINS[recipe], **change), refs[recipe], dest)
     return (store.path(card) / "README.md").read_text(), receipt
-
-
-def front_matter(card: str) -> dict:
-    assert card.startswith("---\n")
-    return yaml.safe_load(card.split("---\n")[1])
-
-
-def table_row(card: str, first_cell: str) -> list[str]:
-    [row] = [line for line in card.splitlines() if line.startswith(f"| {first_cell} |")]
-    return [c.strip() for c in row.strip("|").split("|")]
 
 
 @pytest.fixture
@@ -72,49 +46,30 @@ def no_stored_token(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf-home" / "stored_tokens"))
 
 
-def test_card_front_matter(made, store, tmp_path):
-    card, _ = run_publish(store, made, tmp_path / "export")
-    meta = front_matter(card)
-    assert meta["library_name"] == "mlx"
-    assert {"mlx", "quantized", RECIPE.name} <= set(meta["tags"])
-    assert "base_model" not in meta  # a local model has no hub repo to point to
+@pytest.fixture
+def hub(no_stored_token, monkeypatch, tmp_path):
+    """A hub where the token TOKEN is alice's and bob owns bob/taken; huggingface_hub points at it."""
+    monkeypatch.setenv("HF_XET_LOG_DEST", str(tmp_path / "xet-logs"))
+    with FakeHub(tokens={TOKEN: "alice", BOB: "bob"}) as server, server.patched_client():
+        server.add_repo("bob/taken", {"README.md": "# bob's\n"})
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        yield server
 
 
-def test_card_names_the_hub_base_model(made, store, tmp_path):
-    hub_source = {"kind": "hf", "repo": "org/tiny", "revision": COMMIT}
-    card, _ = run_publish(store, made, tmp_path / "export", source=hub_source)
-    meta = front_matter(card)
-    assert meta["base_model"] == "org/tiny" and meta["base_model_relation"] == "quantized"
-    assert COMMIT in card
+def leaked(token: str, *roots) -> list:
+    return [p for root in roots for p in root.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
 
 
-def test_card_shows_size_and_benchmarks(made, store, tmp_path):
-    q, s, b = made[1]
-    card, _ = run_publish(store, made, tmp_path / "export")
-    bpw = {r["metric"]: r["value"] for r in store.manifest(q)["info"]["metrics"]}["bits_per_weight"]
-    assert float(table_row(card, "bits per weight")[1]) == pytest.approx(bpw, abs=0.005)
-    assert "8-bit affine, group size 32" in card and "6-bit affine, group size 32" in card
+# --- the export -----------------------------------------------------------------------------------
 
-    results = json.loads((store.path(b) / "results.json").read_text())
-    for task, metrics in results["results"].items():
-        name, acc, acc_norm, n, data = table_row(card, task)
-        assert float(acc.split(" ± ")[0]) == pytest.approx(metrics["acc,none"], abs=0.0005)
-        assert float(acc_norm.split(" ± ")[0]) == pytest.approx(metrics["acc_norm,none"], abs=0.0005)
-        assert int(n) == 8
-    assert "limit 8" in card
-
-    answer = json.loads((store.path(s) / "smoke.json").read_text())
-    assert f"Answer ({answer['verdict']})" in card
-
-
-def test_export_holds_model_and_card_and_loads(made, store, tmp_path):
-    q = made[1][0]
+def test_export_holds_model_and_card_and_loads(measured, store, tmp_path):
+    q = measured[1]["qx86-hi"]["quantize"]
     dest = tmp_path / "export"
     dest.mkdir()
     (dest / "stale.bin").write_bytes(b"from an earlier export")
-    card, info = run_publish(store, made, dest)
+    card, receipt = run_publish(store, measured, dest)
 
-    assert info["exported_to"] == str(dest) and info["uploaded"] is None
+    assert receipt["exported_to"] == str(dest) and receipt["uploaded"] is None
     model_files = {p.name for p in store.path(q).iterdir() if p.name not in (MANIFEST, "README.md")}
     assert {p.name for p in dest.iterdir()} == model_files | {"README.md", publish.RECEIPT}
     for name in model_files:
@@ -124,57 +79,131 @@ def test_export_holds_model_and_card_and_loads(made, store, tmp_path):
     assert tokenizer.chat_template is not None
 
 
-def test_repo_without_token_exports_locally(made, store, tmp_path, no_stored_token):
+def test_the_card_is_keyed_by_what_it_shows(measured, store, tmp_path):
+    run_publish(store, measured, tmp_path / "a")
+    run_publish(store, measured, tmp_path / "b")  # the same facts: the same card artifact
+    assert len(list((store.root / "artifacts" / "publish").iterdir())) == 1
+    with MetricStore(store.metrics_db).connect() as con:  # a sibling's numbers change
+        con.execute("UPDATE metrics SET value = value / 2 WHERE recipe = 'q4' AND metric = 'acc'")
+    run_publish(store, measured, tmp_path / "a")
+    assert len(list((store.root / "artifacts" / "publish").iterdir())) == 2
+
+
+def test_repo_without_token_exports_locally(measured, store, tmp_path, no_stored_token):
     assert get_token() is None
     dest = tmp_path / "export"
-    card, info = run_publish(store, made, dest, repo_id="me/tiny-qx86-hi-mlx")
-    assert info["uploaded"] is None and "token" in info["note"]
+    card, receipt = run_publish(store, measured, dest, repo_id="me/tiny-qx86-hi-mlx")
+    assert receipt["uploaded"] is None and "token" in receipt["note"]
     assert (dest / "README.md").read_text() == card
     assert 'load("me/tiny-qx86-hi-mlx")' in card
 
 
-def test_failed_upload_never_shows_the_token(made, store, tmp_path, no_stored_token, monkeypatch):
+def test_a_deleted_export_is_not_delivered(measured, store, tmp_path):
+    run_publish(store, measured, tmp_path / "export")
+    key = next((store.root / "artifacts" / "publish").iterdir()).name
+    params = publish_params("tiny", measured[2], BUILTINS["qx86-hi"])
+    assert publish.delivered(key, params, tmp_path / "export")
+    shutil.rmtree(tmp_path / "export")
+    assert not publish.delivered(key, params, tmp_path / "export")
+    assert not publish.delivered(key, params, tmp_path / "elsewhere")
+
+
+# --- the hub --------------------------------------------------------------------------------------
+
+def test_upload_creates_a_private_repo_in_one_commit_naming_recipe_and_key(measured, store, tmp_path, hub):
+    card, receipt = run_publish(store, measured, tmp_path / "export", repo_id="alice/tiny-qx86-hi-mlx")
+    [commit] = hub.commits["alice/tiny-qx86-hi-mlx"]
+    quantized = measured[1]["qx86-hi"]["quantize"].key
+    assert "qx86-hi" in commit["message"] and quantized[:16] in commit["message"]
+    assert hub.hosted["alice/tiny-qx86-hi-mlx"].private
+    remote = hub.contents("alice/tiny-qx86-hi-mlx")
+    local = {p.name: p.read_bytes() for p in (tmp_path / "export").iterdir() if p.name != publish.RECEIPT}
+    assert remote == local and remote["README.md"].decode() == card
+    assert receipt["uploaded"]["repo"] == "alice/tiny-qx86-hi-mlx"
+    assert leaked(TOKEN, store.root, tmp_path) == []
+
+
+def test_republishing_sends_nothing_and_a_new_sibling_sends_only_the_card(measured, store, tmp_path, hub):
+    repo = "alice/tiny-qx86-hi-mlx"
+    run_publish(store, measured, tmp_path / "export", repo_id=repo)
+    shutil.rmtree(tmp_path / "export")  # delivered again, but the hub already holds every file
+    _, receipt = run_publish(store, measured, tmp_path / "export", repo_id=repo)
+    assert len(hub.commits[repo]) == 1 and receipt["uploaded"]["commit"] is None
+    assert receipt["uploaded"]["operations"][0].startswith("nothing to send")
+
+    with MetricStore(store.metrics_db).connect() as con:  # as if a sibling had finished since
+        con.execute("UPDATE metrics SET value = value / 2 WHERE recipe = 'q4' AND metric = 'acc'")
+    run_publish(store, measured, tmp_path / "export", repo_id=repo)
+    assert len(hub.commits[repo]) == 2
+    assert hub.commits[repo][1]["operations"] == [("add", "README.md")]
+
+
+def test_stale_model_files_go_and_the_publishers_own_files_stay(measured, store, tmp_path, hub):
+    repo = "alice/tiny-qx86-hi-mlx"
+    run_publish(store, measured, tmp_path / "export", repo_id=repo)
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    HfApi().create_commit(repo, operations=[
+        CommitOperationAdd(path_in_repo="model-00002-of-00002.safetensors", path_or_fileobj=b"an old shard"),
+        CommitOperationAdd(path_in_repo="images/chart.png", path_or_fileobj=b"the publisher's own")],
+        commit_message="by hand")
+    plan = publish.plan_upload(HfApi(), tmp_path / "export", repo, True, "again")
+    assert plan.delete == ["model-00002-of-00002.safetensors"] and plan.kept == ["images/chart.png"]
+    assert plan.add == [] and not plan.create
+
+
+def test_hub_errors_are_clear_and_keep_every_local_result(measured, store, tmp_path, hub, monkeypatch):
+    dest = tmp_path / "export"
+    with pytest.raises(PublishError) as err:  # someone else's repo
+        run_publish(store, measured, dest, repo_id="bob/taken")
+    assert "403" in str(err.value) and "belongs to someone else" in str(err.value)
+    assert "qsweep publish" in str(err.value) and err.value.__cause__ is None
+    assert (dest / "README.md").exists() and len(list((store.root / "artifacts" / "publish").iterdir())) == 1
+
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRETnotAtokenAnyoneHas")
+    with pytest.raises(PublishError) as err:
+        run_publish(store, measured, dest, repo_id="alice/tiny-qx86-hi-mlx")
+    assert "401" in str(err.value) and "hf auth login" in str(err.value)
+    assert "hf_SECRETnotAtokenAnyoneHas" not in str(err.value)
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)  # fixed: the retry publishes, nothing measured again
+    _, receipt = run_publish(store, measured, dest, repo_id="alice/tiny-qx86-hi-mlx")
+    assert receipt["uploaded"]["repo"] == "alice/tiny-qx86-hi-mlx" and len(hub.commits["alice/tiny-qx86-hi-mlx"]) == 1
+
+
+def test_an_unreachable_hub_fails_clearly_and_publish_tries_again(measured, store, tmp_path, no_stored_token, monkeypatch):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setenv("HF_ENDPOINT", closed)
     monkeypatch.setattr(constants, "ENDPOINT", closed)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    assert get_token() == TOKEN
     dest = store.root / "published" / "tiny-qx86-hi-mlx"
-
     with pytest.raises(PublishError) as err:
-        run_publish(store, made, dest, repo_id="me/tiny-qx86-hi-mlx")
-    assert "me/tiny-qx86-hi-mlx" in str(err.value)
-    assert TOKEN not in str(err.value) and err.value.__cause__ is None
-
+        run_publish(store, measured, dest, repo_id="me/tiny-qx86-hi-mlx")
+    assert "not reachable" in str(err.value) and TOKEN not in str(err.value) and err.value.__cause__ is None
     key = next((store.root / "artifacts" / "publish").iterdir()).name  # the card itself is fine
-    assert not publish.delivered(key, {"repo_id": "me/tiny-qx86-hi-mlx"}, dest)  # so the next run tries again
-    leaked = [p for root in (store.root, tmp_path) for p in root.rglob("*")
-              if p.is_file() and TOKEN.encode() in p.read_bytes()]
-    assert leaked == []
+    params = publish_params("tiny", measured[2], BUILTINS["qx86-hi"], repo_id="me/tiny-qx86-hi-mlx")
+    assert not publish.delivered(key, params, dest)  # so the next run tries again
+    assert leaked(TOKEN, store.root, tmp_path) == []
 
 
-# --- delivery is redone when it does not hold: a token set later, an export deleted ---
+def test_dry_run_lists_the_operations_without_a_token_and_sends_nothing(measured, store, tmp_path, hub, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    requests_before = len(hub.requests)
+    _, refs, resolved = measured
+    params = publish_params("tiny", resolved, BUILTINS["qx86-hi"], repo_id="alice/new-repo")
+    text, plan = publish.dry_run(store, params, refs["qx86-hi"])
+    ops = plan.operations()
+    assert ops[0] == "create_repo alice/new-repo (private)"
+    files = {p.name for p in store.path(refs["qx86-hi"]["quantize"]).iterdir() if p.name != MANIFEST} | {"README.md"}
+    assert {op.split()[1] for op in ops if op.startswith("upload ")} == files
+    assert ops[-1].startswith('commit to alice/new-repo: "qsweep: tiny with recipe qx86-hi')
+    assert "alice/new-repo" not in hub.hosted
+    assert all(r["method"] == "GET" and r["authorization"] is None for r in hub.requests[requests_before:])
+    assert not (store.root / "artifacts" / "publish").exists()  # nothing stored either
+    assert text.startswith("---\n")
 
-def test_setting_a_token_later_uploads(made, store, tmp_path, no_stored_token, monkeypatch):
-    card, _ = run_publish(store, made, tmp_path / "export", repo_id="me/tiny-qx86-hi-mlx")
-    params = {**made[2], "repo_id": "me/tiny-qx86-hi-mlx"}
-    key = store.get("publish", next((store.root / "artifacts" / "publish").iterdir()).name).key
-    assert publish.delivered(key, params, tmp_path / "export")
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    assert not publish.delivered(key, params, tmp_path / "export")  # it can upload now, so it is not done
-    with pytest.raises(PublishError):  # i.e. it tried to upload
-        run_publish(store, made, tmp_path / "export", repo_id="me/tiny-qx86-hi-mlx")
-
-
-def test_a_deleted_export_is_not_delivered(made, store, tmp_path):
-    run_publish(store, made, tmp_path / "export")
-    key = next((store.root / "artifacts" / "publish").iterdir()).name
-    assert publish.delivered(key, made[2], tmp_path / "export")
-    shutil.rmtree(tmp_path / "export")
-    assert not publish.delivered(key, made[2], tmp_path / "export")
-    assert not publish.delivered(key, made[2], tmp_path / "elsewhere")
+    hub.add_repo("alice/new-repo", {"README.md": text})  # a repo holding this very card
+    _, plan = publish.dry_run(store, params, refs["qx86-hi"])
+    assert "README.md" in plan.unchanged and not plan.create

@@ -1,0 +1,136 @@
+"""Publishing: once every cell of a sweep is measured, each gets its card, its export and its upload.
+
+Cards show a cell beside its siblings, so they are written after all of them: at the end of a
+sweep, by `qsweep publish SWEEP` (the same step alone, from what the store holds: nothing is
+measured again, which is how a failed upload is retried), and by `qsweep cards` (every card
+the store can make, written to a folder, no hub).
+"""
+
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from flows.cell import STAGES, run_recorded, stored_refs
+from storage.artifacts import Store
+from storage.metrics import MetricStore
+from tasks import card as cards
+from tasks.publish import card_inputs, card_params, dry_run, publish_task
+from tasks.recipes import BUILTINS
+
+
+def slug(*parts: str) -> str:
+    """A Prefect artifact key: lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
+
+
+@flow(name="publish", flow_run_name="{model}/{recipe}")
+def publish_cell(store: str, run_id: str, model: str, recipe: str, refs: dict, settings: dict) -> dict:
+    """The card (an artifact keyed by what it shows), the export folder, the upload when asked."""
+    params, facts = card_params(Store(store), settings["publish"], refs)
+    card = run_recorded(store, run_id, model, recipe, "publish", publish_task, params, card_inputs(refs),
+                        dest=settings["export_to"], facts=asdict(facts), quantized=refs["quantize"])
+    text = (Store(store).path(card) / "README.md").read_text()
+    create_markdown_artifact(key=slug("card", model, recipe), markdown=_body(text),
+                             description=f"model card of {model} quantized with {recipe}")
+    return {"model": model, "recipe": recipe, "card": card.key, "exported_to": settings["export_to"]}
+
+
+def _body(card_text: str) -> str:
+    """The card without its YAML front matter, which the Prefect UI would show as text."""
+    from huggingface_hub import ModelCard
+
+    return ModelCard(card_text).text
+
+
+@flow(name="publish-sweep", flow_run_name="publish:{sweep_file}")
+def publish_sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
+    """Publish every cell of a sweep from the store, measuring nothing (a sweep must have run)."""
+    from flows.compare import compare_recipes
+    from flows.sweep import plan_and_check, SweepFailed
+    from prefect.runtime import flow_run
+    from tasks.compare import BASE_RECIPE
+
+    config, cells = plan_and_check(sweep_file, store)
+    artifacts = Store(store)
+    compare_recipes(str(artifacts.root), BASE_RECIPE)
+    run_id = flow_run.get_id() or "local"
+    done, missing = [], []
+    for c in cells:
+        refs, lacking = stored_refs(artifacts, c["source"], c["settings"])
+        if lacking:
+            missing.append(f"{c['model']}/{c['recipe']} (no {lacking} artifact for these settings)")
+            continue
+        done.append(publish_cell(store=str(artifacts.root), run_id=run_id, model=c["model"], recipe=c["recipe"],
+                                 refs=refs, settings=c["settings"]))
+    if missing:
+        raise SweepFailed(f"not measured yet, run `qsweep run {sweep_file}` first: {', '.join(missing)}")
+    return done
+
+
+def dry_run_sweep(sweep_file: str, store: str) -> list[str]:
+    """What `qsweep publish` would send for each cell of the sweep, as lines to print; sends nothing."""
+    from flows.compare import compare_recipes
+    from flows.sweep import plan_and_check
+    from tasks.compare import BASE_RECIPE
+
+    config, cells = plan_and_check(sweep_file, store)
+    artifacts = Store(store)
+    if MetricStore(artifacts.metrics_db).path.exists():
+        compare_recipes(str(artifacts.root), BASE_RECIPE)
+    lines = []
+    for c in cells:
+        refs, lacking = stored_refs(artifacts, c["source"], c["settings"])
+        lines.append(f"{c['model']}/{c['recipe']}:")
+        if lacking:
+            lines.append(f"  not measured yet (no {lacking} artifact for these settings): run the sweep first")
+            continue
+        text, plan = dry_run(artifacts, c["settings"]["publish"], refs)
+        lines.append(f"  export to {c['settings']['export_to']}: the model files and README.md ({len(text):,} characters)")
+        if plan is None:
+            lines.append("  no hub repo in the sweep file (publish.repo): nothing to upload")
+            continue
+        if plan.note:
+            lines.append(f"  note: {plan.note}")
+        lines += [f"  {op}" for op in plan.operations()]
+        lines += [f"  leave {name} (not written by qsweep)" for name in plan.kept]
+    return lines
+
+
+def write_cards(store: str, out: Path) -> list[tuple[str, str, Path, bool]]:
+    """Every card the store can make now, as README.md under out/<name>/; (model, recipe, path, changed)."""
+    artifacts = Store(store)
+    db = MetricStore(artifacts.metrics_db)
+    _, rows = db.query("""
+        SELECT model, recipe, stage, key FROM stages WHERE status = 'done'
+        QUALIFY row_number() OVER (PARTITION BY model, recipe, stage ORDER BY finished DESC) = 1
+        ORDER BY model, recipe""")
+    cells: dict[tuple, dict] = {}
+    for model, recipe, stage, key in rows:
+        if stage in STAGES and (ref := artifacts.get(stage, key)) is not None:
+            cells.setdefault((model, recipe), {})[stage] = ref
+    written = []
+    for (model, recipe), refs in cells.items():
+        if not {"download", "quantize", "smoke", "benchmark"} <= set(refs):
+            continue
+        params = _publish_params(artifacts, model, refs)
+        text = cards.render(cards.gather(artifacts, params, {s: r for s, r in refs.items() if s != "publish"}))
+        path = out / cards.published_name(model, recipe) / "README.md"
+        changed = not path.exists() or path.read_text() != text
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append((model, recipe, path, changed))
+    return written
+
+
+def _publish_params(artifacts: Store, model: str, refs: dict) -> dict:
+    """The publish settings of the cell's last publish (repo, license), or what the artifacts say."""
+    if "publish" in refs:
+        return {k: v for k, v in artifacts.manifest(refs["publish"])["params"].items() if k != "facts"}
+    recipe = artifacts.manifest(refs["quantize"])["params"]
+    builtin = BUILTINS.get(recipe["name"])
+    return {"model": model, "recipe": recipe, "source": artifacts.manifest(refs["download"])["params"],
+            "recipe_description": builtin.description if builtin and builtin.params() == recipe else "",
+            "repo_id": None, "private": True, "license": None}
