@@ -73,9 +73,13 @@ def cmd_status(args) -> int:
     done = {(m, r, s): ("cached" if c else st, sec, err) for m, r, s, st, c, sec, err in stages}
     print(f"sweep {name}  run {run_id}  {status}  started {started:%Y-%m-%d %H:%M:%S}"
           + (f"  took {(finished - started).total_seconds():.1f}s" if finished else ""))
-    shown = [s for s in STAGES if s not in ("reference", "fidelity") or any(k[2] == s for k in done)]
+    cells = json.loads(cells)
+    if all("stages" in c for c in cells):  # a run of some stages only, e.g. `qsweep publish`
+        shown = [s for s in STAGES if any(s in c["stages"] for c in cells)]
+    else:
+        shown = [s for s in STAGES if s not in ("reference", "fidelity") or any(k[2] == s for k in done)]
     rows = [[c["model"], c["recipe"]] + [done.get((c["model"], c["recipe"], s), ("pending",))[0] for s in shown]
-            for c in json.loads(cells)]
+            for c in cells]
     print(format_table(["model", "recipe", *shown], rows))
     errors = [(m, r, s, e) for (m, r, s), (st, _, e) in done.items() if st == "failed"]
     for m, r, s, e in errors:

@@ -53,20 +53,33 @@ def publish_sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
     from prefect.runtime import flow_run
     from tasks.compare import BASE_RECIPE
 
+    import socket
+
+    from storage.keys import tool_versions
+
     config, cells = plan_and_check(sweep_file, store)
     artifacts = Store(store)
-    compare_recipes(str(artifacts.root), BASE_RECIPE)
+    history = MetricStore(artifacts.metrics_db)
     run_id = flow_run.get_id() or "local"
+    history.start_run(run_id, config.name, str(sweep_file), "", socket.gethostname(), tool_versions(),
+                      [{"model": c["model"], "recipe": c["recipe"], "stages": ["publish"]} for c in cells])
+    compare_recipes(str(artifacts.root), BASE_RECIPE)
     done, missing = [], []
     for c in cells:
         refs, lacking = stored_refs(artifacts, c["source"], c["settings"])
         if lacking:
-            missing.append(f"{c['model']}/{c['recipe']} (no {lacking} artifact for these settings)")
+            missing.append(f"{c['model']}/{c['recipe']} (not measured: no {lacking} artifact for these settings; "
+                           f"run `qsweep run {sweep_file}` first)")
             continue
-        done.append(publish_cell(store=str(artifacts.root), run_id=run_id, model=c["model"], recipe=c["recipe"],
-                                 refs=refs, settings=c["settings"]))
+        state = publish_cell(store=str(artifacts.root), run_id=run_id, model=c["model"], recipe=c["recipe"],
+                             refs=refs, settings=c["settings"], return_state=True)
+        if state.is_completed():
+            done.append(state.result())
+        else:
+            missing.append(f"{c['model']}/{c['recipe']} ({state.message})")
+    history.finish_run(run_id, "failed" if missing else "completed")
     if missing:
-        raise SweepFailed(f"not measured yet, run `qsweep run {sweep_file}` first: {', '.join(missing)}")
+        raise SweepFailed(f"{len(missing)} of {len(cells)} cells not published: {'; '.join(missing)}")
     return done
 
 

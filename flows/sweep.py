@@ -1,4 +1,5 @@
-"""A sweep: validate the sweep file, record the run, run one cell flow per (model, recipe).
+"""A sweep: validate the sweep file, record the run, run one cell flow per (model, recipe),
+then publish each measured cell (its card shows the others) and write the report.
 
 A failed cell is recorded with its error and the others go on; the sweep
 fails at the end if any cell did. Finished stages are never recomputed: run
@@ -153,6 +154,11 @@ def sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
         update_progress_artifact(progress, 100 * finished / steps)
     update_progress_artifact(progress, 100.0)
     history.finish_run(run_id, "failed" if failed else "completed")
+    if measured:
+        from tasks.report import write_report
+
+        report = write_report(artifacts.root, artifacts.root / "report")
+        log.info("report: %s; model cards: %s", report[0], artifacts.root / "published")
     if failed:
         raise SweepFailed(f"{len(failed)} of {len(cells)} cells failed: {', '.join(failed)}; see `qsweep status`")
     return outcomes

@@ -32,6 +32,7 @@ DATASETS = {
     "winogrande": ("allenai/winogrande", "winogrande_xl", "validation", "WinoGrande"),
 }
 assert set(DATASETS) == set(OFFLINE), "every benchmark qsweep knows offline has a model-index entry"
+MEASURED = ("download", "quantize", "smoke", "benchmark", "reference", "fidelity")  # the stages a card draws on
 FIDELITY_COLUMNS = (("ppl", "ppl", "{:.3f}"), ("ppl_ratio", "ppl ratio", "{:.4f}"), ("kl_mean", "KL mean", "{:.4f}"),
                     ("kl_p99", "KL p99", "{:.3f}"), ("same_top", "same top token", "{:.3f}"))
 RUNTIME_COLUMNS = (("generation_tokens_per_s", "tokens/s", "{:.1f}"), ("peak_memory_gb", "peak memory (GB)", "{:.3f}"))
@@ -147,7 +148,7 @@ def gather(store: Store, params: dict, refs: dict[str, ArtifactRef]) -> CardFact
         bits_per_weight=qm[("model", "bits_per_weight")]["value"], disk_bytes=int(qm[("model", "disk_bytes")]["value"]),
         tools=quantize.get("tools", {}), evaluation=evaluation, tasks=tasks, table=table, diffs=diffs,
         fidelity=fidelity, smoke={"prompt": smoke.get("prompt"), "answer": smoke.get("text", ""), "verdict": smoke.get("verdict")},
-        keys={stage: ref.key for stage, ref in refs.items()},
+        keys={stage: refs[stage].key for stage in MEASURED if stage in refs},
     )
 
 
@@ -225,7 +226,9 @@ def front_matter(f: CardFacts):
 
 
 def _fmt(value, spec="{:.3f}") -> str:
-    return "" if value is None else spec.format(value)
+    if value is None:
+        return ""
+    return f"{value:.3g}" if abs(value) >= 1e4 else spec.format(value)  # a broken recipe's ppl of 8e7
 
 
 def _size(n) -> str:
@@ -248,19 +251,19 @@ def _label(f: CardFacts, recipe: str) -> str:
 
 
 def _provenance(f: CardFacts) -> str:
-    b = f.base
+    b, note = f.base, ""
     if b.get("kind") == "hf":
         where = f"[{b['repo']}](https://huggingface.co/{b['repo']}) at revision `{b['revision']}`"
     elif b.get("kind") == "gguf":
-        where = (f"`{f.model}`, a GGUF file at **{b['quantization']}** (sha256 `{b['content'][:12]}`)"
-                 + (f" of [{b['base_model']}](https://huggingface.co/{b['base_model']})" if b.get("base_model") else "")
-                 + "; its weights were dequantized first, so every variant carries that rounding")
+        where = (f"[{b['base_model']}](https://huggingface.co/{b['base_model']})" if b.get("base_model") else f"`{f.model}`")
+        note = (f" The base was a GGUF file at **{b['quantization']}** (sha256 `{b['content'][:12]}`) whose weights were "
+                "dequantized first, so every variant, bf16 included, carries that rounding.")
     elif b.get("kind") == "demo":
         where = f"`{f.model}`, qsweep's embedded random-init demo model (seed {b.get('seed')})"
     else:
         where = f"`{f.model}` (a local model, content digest `{b.get('content', '')[:12]}`)"
     return (f"This model was converted to MLX format from {where} using mlx-lm version {f.tools.get('mlx-lm')}, "
-            f"with the qsweep recipe **{f.recipe}**" + (f": {f.description}." if f.description else "."))
+            f"with the qsweep recipe **{f.recipe}**" + (f": {f.description}." if f.description else ".") + note)
 
 
 def render(f: CardFacts) -> str:

@@ -190,7 +190,8 @@ def frontier_png(title: str, names: list[str], xs: list[float], ys: list[float],
     ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="C3", lw=1.5, zorder=1)
     ax.scatter([xs[i] for i in front], [ys[i] for i in front], s=50, color="C3", edgecolor="black", zorder=3,
                label="Pareto frontier")
-    ax.set(xlabel="bits per weight (fewer is better)", ylabel=ylabel, title=title)
+    ax.set(xlabel="bits per weight (fewer is better)", ylabel=ylabel)
+    ax.set_title(title, fontsize=10)
     ax.margins(x=0.15, y=0.12)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=FONT)

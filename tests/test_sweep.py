@@ -227,18 +227,79 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(tiny_model, tmp_path):
     assert "pending" in status.stdout
 
 
-def test_hub_token_never_reaches_logs_store_or_card(tiny_model, tmp_path):
-    token = "hf_qsweepTESTsecret0123456789"
+def test_publish_alone_after_a_hub_refusal_and_no_token_anywhere(tiny_model, tmp_path):
+    """A wrong token: every cell is measured, publishing fails clearly. The right one: `qsweep
+    publish` uploads from the store, measuring nothing. Neither token is in anything written."""
+    from hub_server import FakeHub
+
+    good, wrong = "hf_qsweepTESTsecret0123456789", "hf_qsweepWRONGsecret987654321"
     sweep = write_sweep(tmp_path / "sweep.yaml", {"tiny": tiny_model}, recipes=["q4"],
-                        publish={"repo": "someone/{model}-{recipe}-mlx"})
-    store = tmp_path / "store"
-    # a closed local port stands in for an unreachable hub: the upload fails fast
-    env = {"HF_TOKEN": token, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "0"}
-    result = qsweep(store, "run", sweep, prefect_home=tmp_path / "prefect", env=env)
-    assert result.returncode != 0  # the upload cannot succeed offline
-    assert token not in result.stdout + result.stderr
-    status = qsweep(store, "status", prefect_home=tmp_path / "prefect")
-    assert "publish failed" in status.stdout and token not in status.stdout
-    for path in store.rglob("*"):
-        if path.is_file():
-            assert token.encode() not in path.read_bytes(), path
+                        publish={"repo": "alice/{model}-{recipe}-mlx"})
+    store, home = tmp_path / "store", tmp_path / "prefect"
+    with FakeHub(tokens={good: "alice"}) as hub:
+        env = {**hub.env(), "HF_XET_LOG_DEST": str(tmp_path / "xet"), "HF_HOME": str(tmp_path / "hf")}
+        refused = qsweep(store, "run", sweep, prefect_home=home, env={**env, "HF_TOKEN": wrong})
+        assert refused.returncode != 0 and "401" in refused.stdout + refused.stderr
+        status = qsweep(store, "status", prefect_home=home)
+        assert "q4 publish failed" in status.stdout and "benchmark" in status.stdout
+
+        done = qsweep(store, "publish", sweep, prefect_home=home, env={**env, "HF_TOKEN": good})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert [s for *_, s, _, _ in stages_of_last_run(store)] == ["publish"]  # nothing measured again
+        [commit] = hub.commits["alice/tiny-q4-mlx"]
+        assert "q4" in commit["message"]
+        assert hub.contents("alice/tiny-q4-mlx")["README.md"] == (store / "published" / "tiny-q4-mlx" / "README.md").read_bytes()
+
+    written = [p for root in (store, home, tmp_path / "xet") if root.exists() for p in root.rglob("*") if p.is_file()]
+    for path in written:
+        data = path.read_bytes()
+        assert good.encode() not in data and wrong.encode() not in data, path
+    for out in (refused, status, done):
+        assert good not in out.stdout + out.stderr and wrong not in out.stdout + out.stderr
+
+
+def test_cards_report_and_dry_run_from_the_finished_store(finished, tmp_path, capsys):
+    """Cards, report and dry-run read the store alone: no model is loaded, no hub needed."""
+    from flows.cli import main
+
+    store, sweep, *_ = finished
+    assert main(["--store", str(store), "cards", "--out", str(tmp_path / "cards")]) == 0
+    for recipe in RECIPES:  # the same facts give the same card as the sweep published
+        card = tmp_path / "cards" / f"tiny-{recipe}-mlx" / "README.md"
+        assert card.read_text() == (store / "published" / f"tiny-{recipe}-mlx" / "README.md").read_text()
+    assert main(["--store", str(store), "report", "--out", str(tmp_path / "report"), "--format", "md"]) == 0
+    pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert pngs == ["history-tiny.png", "pareto-acc-tiny.png", "pareto-kl-tiny.png"]
+    capsys.readouterr()
+    assert main(["--store", str(store), "publish", str(sweep), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny/qx86-hi:" in out and "no hub repo in the sweep file" in out
+
+
+PREFECT_ARTIFACTS = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+
+async def main():
+    async with get_client() as client:
+        found = await client.read_artifacts()
+    print(json.dumps([{"key": a.key, "type": a.type, "data": a.data} for a in found], default=str))
+
+asyncio.run(main())
+"""
+
+
+def test_the_prefect_ui_shows_progress_cells_and_cards(finished):
+    store = finished[0]
+    env = {**os.environ, "PREFECT_HOME": str(store.parent / "prefect")}
+    read = subprocess.run([sys.executable, "-c", PREFECT_ARTIFACTS], env=env, capture_output=True, text=True, timeout=300)
+    assert read.returncode == 0, read.stderr[-3000:]
+    artifacts = json.loads(read.stdout.strip().splitlines()[-1])
+    progress = [a for a in artifacts if a["type"] == "progress" and a["key"] == "test-progress"]
+    assert progress and all(float(a["data"]) == 100.0 for a in progress)  # every run finished
+    tables = [a for a in artifacts if a["type"] == "table" and a["key"] == "test-cells"]
+    last = json.loads(tables[-1]["data"]) if isinstance(tables[-1]["data"], str) else tables[-1]["data"]
+    assert {row["recipe"] for row in last} == set(RECIPES) and all("qsweep_demo_mc" in row for row in last)
+    cards = {a["key"]: a["data"] for a in artifacts if a["type"] == "markdown"}
+    assert set(cards) >= {f"card-tiny-{r}" for r in ("bf16", "q4", "qx86-hi")}
+    assert cards["card-tiny-q4"].lstrip().startswith("# tiny-q4-mlx")
