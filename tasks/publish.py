@@ -71,11 +71,10 @@ def git_blob_sha1(path: Path) -> str:
 def plan_upload(api, folder: Path, repo_id: str, private: bool, message: str) -> Upload:
     """Compare `folder` with the repo's files: which to add, which stale model files to delete."""
     from huggingface_hub.errors import RepositoryNotFoundError
-    from huggingface_hub.hf_api import RepoFile
 
     plan = Upload(repo_id, private, message)
-    try:
-        remote = {e.path: e for e in api.list_repo_tree(repo_id, recursive=True) if isinstance(e, RepoFile)}
+    try:  # one request (a tree listing would page, and retry a down hub for 23 s)
+        remote = {f.rfilename: f for f in api.model_info(repo_id, files_metadata=True).siblings or []}
     except RepositoryNotFoundError:
         remote, plan.create = {}, True
     local = sorted(p for p in folder.iterdir() if p.is_file() and p.name != RECEIPT)
@@ -232,7 +231,7 @@ def dry_run(store: Store, params: dict, refs: dict[str, ArtifactRef]) -> tuple[s
 class _Empty:
     """A repo that does not exist, for planning when the hub cannot be asked."""
 
-    def list_repo_tree(self, *args, **kwargs):
+    def model_info(self, *args, **kwargs):
         from huggingface_hub.errors import RepositoryNotFoundError
 
         raise RepositoryNotFoundError("not asked")

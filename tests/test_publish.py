@@ -3,7 +3,6 @@
 The real huggingface_hub client talks HTTP to FakeHub on 127.0.0.1, as it would to the hub.
 """
 
-import json
 import shutil
 import socket
 
