@@ -36,11 +36,14 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_gguf(model_dir: Path, path: Path, qtype="F16", arch="llama", tokenizer_model="gpt2", pre="gpt-2") -> Path:
+def write_gguf(model_dir: Path, path: Path, qtype="F16", arch="llama", tokenizer_model="gpt2", pre="gpt-2",
+               license=None) -> Path:
     """A llama GGUF of an HF-layout model, written as llama.cpp's LlamaModel converter writes it."""
     cfg = json.loads((model_dir / "config.json").read_text())
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     w = gguf.GGUFWriter(str(path), arch)
+    if license:
+        w.add_license(license)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -152,7 +155,7 @@ def test_gguf_converts_back_to_the_same_model(qtype, tied, tiny_model, tied_mode
 
 
 def test_gguf_source_resolves_and_downloads(tiny_model, tmp_path, monkeypatch):
-    path = write_gguf(tiny_model, tmp_path / "Tiny.GGUF")
+    path = write_gguf(tiny_model, tmp_path / "Tiny.GGUF", license="apache-2.0")
     resolved = resolve_source(str(path))
     assert resolved == {"kind": "gguf", "path": str(path), "content": sha256(path), "quantization": "F16"}
     assert resolve_source(f"file://{path}") == resolved
@@ -162,6 +165,7 @@ def test_gguf_source_resolves_and_downloads(tiny_model, tmp_path, monkeypatch):
 
     info = download(resolved, tmp_path / "out")
     assert info["source_kind"] == "gguf" and info["gguf"]["quantization"] == "F16"
+    assert info["about"] == {"license": "apache-2.0"}  # what the model cards copy
     assert set(info["files"]) == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 
     shutil.copyfile(write_gguf(tiny_model, tmp_path / "q8.gguf", "Q8_0"), path)

@@ -153,9 +153,10 @@ def test_second_run_computes_nothing(finished):
     assert total == distinct
 
 
-def test_a_deleted_artifact_or_export_is_rebuilt_though_prefect_remembers_it(finished):
-    store, sweep, *_ = finished
+def test_a_deleted_artifact_or_export_is_rebuilt_though_prefect_remembers_it(finished, tiny_model, tmp_path):
+    store = finished[0]
     home = store.parent / "prefect"  # the same Prefect database, which has every stage as cached
+    sweep = write_sweep(tmp_path / "two.yaml", {"tiny": tiny_model}, recipes=["bf16", "q4"])  # two of its cells
     [quantized] = [p for p in artifact_dirs(store) if p.parent.name == "quantize"
                    and json.loads((p / "manifest.json").read_text())["info"]["recipe"] == "q4"]
     shutil.rmtree(quantized)
@@ -168,8 +169,9 @@ def test_a_deleted_artifact_or_export_is_rebuilt_though_prefect_remembers_it(fin
     assert (store / "published" / "tiny-bf16-mlx" / "README.md").exists()
 
 
-def test_wiping_prefect_database_recomputes_nothing(finished, tmp_path):
-    store, sweep, *_ = finished
+def test_wiping_prefect_database_recomputes_nothing(finished, tiny_model, tmp_path):
+    store = finished[0]
+    sweep = write_sweep(tmp_path / "one.yaml", {"tiny": tiny_model}, recipes=["q4"])  # one of its cells
     shutil.rmtree(store / "published" / "tiny-q4-mlx")  # a deleted export is delivered again
     result = qsweep(store, "run", sweep, prefect_home=tmp_path / "fresh-prefect-home")
     assert result.returncode == 0, result.stderr[-3000:]
