@@ -305,9 +305,11 @@ def test_the_prefect_ui_shows_progress_cells_and_cards(finished):
     artifacts = json.loads(read.stdout.strip().splitlines()[-1])
     progress = [a for a in artifacts if a["type"] == "progress" and a["key"] == "test-progress"]
     assert progress and all(float(a["data"]) == 100.0 for a in progress)  # every run finished
-    tables = [a for a in artifacts if a["type"] == "table" and a["key"] == "test-cells"]
-    last = json.loads(tables[-1]["data"]) if isinstance(tables[-1]["data"], str) else tables[-1]["data"]
-    assert {row["recipe"] for row in last} == set(RECIPES) and all("qsweep_demo_mc" in row for row in last)
+    tables = [json.loads(a["data"]) if isinstance(a["data"], str) else a["data"]
+              for a in artifacts if a["type"] == "table" and a["key"] == "test-cells"]
+    assert [r["recipe"] for r in tables[0]] == ["bf16"]  # one more finished cell in each version
+    full = [t for t in tables if {r["recipe"] for r in t} == set(RECIPES)]
+    assert full and all("qsweep_demo_mc" in row and "KL mean" in row for row in full[0])
     cards = {a["key"]: a["data"] for a in artifacts if a["type"] == "markdown"}
     assert set(cards) >= {f"card-tiny-{r}" for r in ("bf16", "q4", "qx86-hi")}
     assert cards["card-tiny-q4"].lstrip().startswith("# tiny-q4-mlx")
