@@ -68,15 +68,20 @@ def git_blob_sha1(path: Path) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def plan_upload(api, folder: Path, repo_id: str, private: bool, message: str) -> Upload:
-    """Compare `folder` with the repo's files: which to add, which stale model files to delete."""
+def remote_files(api, repo_id: str) -> dict | None:
+    """The repo's files with their blob ids and LFS digests; None when the repo does not exist."""
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    plan = Upload(repo_id, private, message)
     try:  # one request (a tree listing would page, and retry a down hub for 23 s)
-        remote = {f.rfilename: f for f in api.model_info(repo_id, files_metadata=True).siblings or []}
+        return {f.rfilename: f for f in api.model_info(repo_id, files_metadata=True).siblings or []}
     except RepositoryNotFoundError:
-        remote, plan.create = {}, True
+        return None
+
+
+def plan_upload(folder: Path, repo_id: str, private: bool, message: str, remote: dict | None) -> Upload:
+    """Compare `folder` with the repo's files (`remote_files`): which to add, which stale model files to delete."""
+    plan = Upload(repo_id, private, message, create=remote is None)
+    remote = remote or {}
     local = sorted(p for p in folder.iterdir() if p.is_file() and p.name != RECEIPT)
     for path in local:
         there = remote.get(path.name)
@@ -178,7 +183,8 @@ def deliver(store: Store, card: ArtifactRef, quantized: ArtifactRef, params: dic
         if wants_upload(params):
             api, repo = hub_api(), params["repo_id"]
             try:
-                plan = plan_upload(api, dest, repo, params.get("private", True), commit_message(params, card.key, quantized))
+                plan = plan_upload(dest, repo, params.get("private", True), commit_message(params, card.key, quantized),
+                                   remote_files(api, repo))
                 receipt["uploaded"] = {"repo": repo, "commit": send(api, dest, plan), "operations": plan.operations()}
             except PublishError:
                 raise
@@ -221,20 +227,12 @@ def dry_run(store: Store, params: dict, refs: dict[str, ArtifactRef]) -> tuple[s
                 (staging / f.name).symlink_to(f)
         (staging / "README.md").write_text(text)
         try:
-            plan = plan_upload(hub_api(), staging, repo, params.get("private", True), message)
+            remote, note = remote_files(hub_api(), repo), ""
         except Exception as e:  # offline, or a repo we may not read: say so, and plan as for a new repo
-            plan = plan_upload(_Empty(), staging, repo, params.get("private", True), message)
-            plan.note = f"could not read {repo} on the hub ({_why(e)}); planned as for a new repo"
+            remote, note = None, f"could not read {repo} on the hub ({_why(e)}); planned as for a new repo"
+        plan = plan_upload(staging, repo, params.get("private", True), message, remote)
+        plan.note = note
     return text, plan
-
-
-class _Empty:
-    """A repo that does not exist, for planning when the hub cannot be asked."""
-
-    def model_info(self, *args, **kwargs):
-        from huggingface_hub.errors import RepositoryNotFoundError
-
-        raise RepositoryNotFoundError("not asked")
 
 
 @task(name="publish", persist_result=True,

@@ -146,7 +146,7 @@ def test_stale_model_files_go_and_the_publishers_own_files_stay(measured, store,
         CommitOperationAdd(path_in_repo="model-00002-of-00002.safetensors", path_or_fileobj=b"an old shard"),
         CommitOperationAdd(path_in_repo="images/chart.png", path_or_fileobj=b"the publisher's own")],
         commit_message="by hand")
-    plan = publish.plan_upload(HfApi(), tmp_path / "export", repo, True, "again")
+    plan = publish.plan_upload(tmp_path / "export", repo, True, "again", publish.remote_files(HfApi(), repo))
     assert plan.delete == ["model-00002-of-00002.safetensors"] and plan.kept == ["images/chart.png"]
     assert plan.add == [] and not plan.create
 
@@ -206,3 +206,14 @@ def test_dry_run_lists_the_operations_without_a_token_and_sends_nothing(measured
     hub.add_repo("alice/new-repo", {"README.md": text})  # a repo holding this very card
     _, plan = publish.dry_run(store, params, refs["qx86-hi"])
     assert "README.md" in plan.unchanged and not plan.create
+
+
+def test_dry_run_with_the_hub_unreachable_plans_for_a_new_repo_and_says_so(measured, store, no_stored_token, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", closed)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    _, refs, resolved = measured
+    _, plan = publish.dry_run(store, publish_params("tiny", resolved, BUILTINS["q4"], repo_id="me/q4"), refs["q4"])
+    assert plan.create and "not reachable" in plan.note and plan.operations()[0] == "create_repo me/q4 (private)"
