@@ -28,6 +28,10 @@ def run_recorded(store: str, run_id: str, model: str, recipe: str, name: str, ta
                  inputs: list[ArtifactRef], **extra) -> ArtifactRef:
     """Run one stage's task and record it in the metric history: its outcome, metrics, plan and samples."""
     artifacts, history = Store(store), MetricStore(Store(store).metrics_db)
+    # What the Prefect UI lists and filters by: quantize:qx86-hi, download:SmolLM2-135M, tags model:/recipe:
+    shared = name in ("download", "reference")  # one artifact for every recipe of the model
+    task_fn = task_fn.with_options(task_run_name=f"{name}:{model if shared else recipe}",
+                                   tags={f"model:{model}", f"stage:{name}"} | (set() if shared else {f"recipe:{recipe}"}))
     started = time.time()
     state = run_stage(task_fn, store=store, params=params, inputs=inputs, **extra)
     seconds = round(time.time() - started, 3)
@@ -62,7 +66,7 @@ def chain(source: dict, settings: dict) -> list[tuple]:
     return steps
 
 
-@flow(name="cell", flow_run_name="{model}/{recipe}")
+@flow(name="cell", flow_run_name="cell:{model}/{recipe}")
 def cell(store: str, run_id: str, model: str, recipe: str, source: dict, settings: dict) -> dict:
     """`settings` holds each stage's parameters, as the sweep flow prepared them. Returns the
     cell's artifacts by stage, for publishing."""

@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, tags
 from prefect.artifacts import create_markdown_artifact
 
 from flows.cell import STAGES, run_recorded, stored_refs
@@ -26,7 +26,7 @@ def slug(*parts: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
 
 
-@flow(name="publish", flow_run_name="{model}/{recipe}")
+@flow(name="publish", flow_run_name="publish:{model}/{recipe}")
 def publish_cell(store: str, run_id: str, model: str, recipe: str, refs: dict, settings: dict) -> dict:
     """The card (an artifact keyed by what it shows), the export folder, the upload when asked."""
     params, facts = card_params(Store(store), settings["publish"], refs)
@@ -71,8 +71,9 @@ def publish_sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
             missing.append(f"{c['model']}/{c['recipe']} (not measured: no {lacking} artifact for these settings; "
                            f"run `qsweep run {sweep_file}` first)")
             continue
-        state = publish_cell(store=str(artifacts.root), run_id=run_id, model=c["model"], recipe=c["recipe"],
-                             refs=refs, settings=c["settings"], return_state=True)
+        with tags(f"model:{c['model']}", f"recipe:{c['recipe']}"):
+            state = publish_cell(store=str(artifacts.root), run_id=run_id, model=c["model"], recipe=c["recipe"],
+                                 refs=refs, settings=c["settings"], return_state=True)
         if state.is_completed():
             done.append(state.result())
         else:

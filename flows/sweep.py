@@ -10,7 +10,7 @@ import hashlib
 import socket
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 
@@ -109,7 +109,18 @@ def plan_and_check(sweep_file: str, store: str) -> tuple[Sweep, list[dict]]:
     return config, plan_cells(config, resolve_models(config), Store(store))
 
 
-@flow(name="sweep", flow_run_name="{sweep_file}")
+def _run_name() -> str:
+    """sweep:<name from the sweep file>, for the Prefect UI; the file's stem if it cannot be read."""
+    import yaml
+
+    path = Path(flow_run.parameters["sweep_file"])
+    try:
+        return f"sweep:{yaml.safe_load(path.read_text())['name']}"
+    except Exception:  # the flow itself reports a bad sweep file, with the field and the allowed values
+        return f"sweep:{path.stem}"
+
+
+@flow(name="sweep", flow_run_name=_run_name)
 def sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
     log = get_run_logger()
     config, digest = load_sweep(sweep_file)
@@ -127,8 +138,9 @@ def sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
 
     measured, failed = [], []
     for c in cells:
-        state = cell(store=str(artifacts.root), run_id=run_id, model=c["model"], recipe=c["recipe"],
-                     source=c["source"], settings=c["settings"], return_state=True)
+        with tags(f"model:{c['model']}", f"recipe:{c['recipe']}"):
+            state = cell(store=str(artifacts.root), run_id=run_id, model=c["model"], recipe=c["recipe"],
+                         source=c["source"], settings=c["settings"], return_state=True)
         if state.is_completed():
             measured.append((c, state.result()["refs"]))
         else:
@@ -143,8 +155,9 @@ def sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
 
     outcomes = []
     for c, refs in measured:  # every card shows its siblings, so cards wait for the last cell
-        state = publish_cell(store=str(artifacts.root), run_id=run_id, model=c["model"], recipe=c["recipe"],
-                             refs=refs, settings=c["settings"], return_state=True)
+        with tags(f"model:{c['model']}", f"recipe:{c['recipe']}"):
+            state = publish_cell(store=str(artifacts.root), run_id=run_id, model=c["model"], recipe=c["recipe"],
+                                 refs=refs, settings=c["settings"], return_state=True)
         if state.is_completed():
             outcomes.append(state.result())
         else:

@@ -291,8 +291,12 @@ from prefect.client.orchestration import get_client
 async def main():
     async with get_client() as client:
         found = await client.read_artifacts()
+        flows = await client.read_flow_runs()
+        tasks = await client.read_task_runs()
     found = sorted(found, key=lambda a: a.created)
-    print(json.dumps([{"key": a.key, "type": a.type, "data": a.data} for a in found], default=str))
+    print(json.dumps({"artifacts": [{"key": a.key, "type": a.type, "data": a.data} for a in found],
+                      "flow_runs": [{"name": r.name, "tags": sorted(r.tags)} for r in flows],
+                      "task_runs": [{"name": r.name, "tags": sorted(r.tags)} for r in tasks]}, default=str))
 
 asyncio.run(main())
 """
@@ -303,7 +307,16 @@ def test_the_prefect_ui_shows_progress_cells_and_cards(finished):
     env = {**os.environ, "PREFECT_HOME": str(store.parent / "prefect")}
     read = subprocess.run([sys.executable, "-c", PREFECT_ARTIFACTS], env=env, capture_output=True, text=True, timeout=300)
     assert read.returncode == 0, read.stderr[-3000:]
-    artifacts = json.loads(read.stdout.strip().splitlines()[-1])
+    ui = json.loads(read.stdout.strip().splitlines()[-1])
+    artifacts = ui["artifacts"]
+    # runs say what they are, and carry tags to filter by
+    flows = {r["name"]: r["tags"] for r in ui["flow_runs"]}
+    assert "sweep:test" in flows and flows["cell:tiny/q4"] == ["model:tiny", "recipe:q4"]
+    assert flows["publish:tiny/qx86-hi"] == ["model:tiny", "recipe:qx86-hi"]
+    task_runs = {r["name"]: r["tags"] for r in ui["task_runs"]}
+    assert task_runs["quantize:qx86-hi"] == ["model:tiny", "recipe:qx86-hi", "stage:quantize"]
+    assert {"model:tiny", "stage:download"} <= set(task_runs["download:tiny"])  # plus the cell's, which ran it
+    assert {"smoke:q4", "benchmark:q4", "reference:tiny", "fidelity:q4", "publish:q4"} <= set(task_runs)
     progress = [a for a in artifacts if a["type"] == "progress" and a["key"] == "test-progress"]
     assert progress and all(float(a["data"]) == 100.0 for a in progress)  # every run finished
     tables = [json.loads(a["data"]) if isinstance(a["data"], str) else a["data"]
