@@ -23,14 +23,30 @@ class Strict(BaseModel):
 
 
 class ModelSpec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str
     source: str  # hf://org/name[@revision], demo://tiny-llama, or a local directory
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):  # it names folders and repos: nothing may escape
+            raise ValueError(f"{name!r}: letters, digits, '.', '_' and '-' only, starting with a letter or digit")
+        return name
 
 
 class SmokeSpec(Strict):
     prompt: str = "What is the capital of France? Answer in one sentence."
     max_tokens: int = Field(48, ge=1, le=4096)
     backend: Literal["auto", "native", "fp32"] = "auto"  # as for benchmark; quantized kernels crawl on a CPU
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("must not be empty: the smoke test asks the model this")
+        return prompt
 
 
 class BenchmarkSpec(Strict):
@@ -177,6 +193,10 @@ def load_sweep(path: Path | str) -> tuple[Sweep, str]:
     if not path.is_file():
         raise SweepError(f"sweep file {path} does not exist")
     raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SweepError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     try:
         data = yaml.safe_load(raw)
     except yaml.YAMLError as e:

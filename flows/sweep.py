@@ -55,7 +55,11 @@ def resolve_benchmark(config: Sweep) -> dict:
     known = local.all_tasks if all(r in local.all_tasks for r in runs) else task_manager_for(runs).all_tasks
     unknown = [r for r in runs if r not in known]
     if unknown:
-        raise SweepError(f"invalid sweep file:\n  benchmark.tasks: unknown task {', '.join(unknown)}; allowed: "
+        import difflib
+
+        close = sorted({m for r in unknown for m in difflib.get_close_matches(r, known, n=5, cutoff=0.6)})
+        raise SweepError(f"invalid sweep file:\n  benchmark.tasks: unknown task {', '.join(unknown)}"
+                         + (f"; did you mean {', '.join(close)}?" if close else "") + "; allowed: "
                          f"{', '.join(sorted(local.all_tasks))}, or any lm-eval task (`lm-eval ls tasks`)")
     params = config.benchmark.model_dump(exclude={"data"})
     # The shipped task files are inputs too: an edited prompt or dataset must not reuse old results.

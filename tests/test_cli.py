@@ -82,10 +82,11 @@ def test_run_refuses_bad_input_before_any_work(tmp_path, capsys):
 def test_run_refuses_an_unknown_benchmark_task(tmp_path, tiny_model, capsys):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({"name": "x", "models": [{"name": "m", "source": str(tiny_model)}],
-                                     "recipes": ["q4"], "benchmark": {"tasks": ["no_such_task"]}}))
+                                     "recipes": ["q4"], "benchmark": {"tasks": ["no_such_task", "hellaswg"]}}))
     assert main(["--store", str(tmp_path / "store"), "run", str(sweep)]) == 2
     err = capsys.readouterr().err
-    assert "benchmark.tasks: unknown task no_such_task" in err and "qsweep_demo_mc" in err
+    assert "benchmark.tasks: unknown task no_such_task, hellaswg" in err and "qsweep_demo_mc" in err
+    assert "did you mean" in err and "hellaswag" in err.split("did you mean")[1].split("?")[0]
     assert not (tmp_path / "store").exists()
 
 

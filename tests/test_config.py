@@ -92,6 +92,23 @@ def test_file_that_is_not_a_mapping(tmp_path, text):
     assert str(path) in str(err.value) and "name, models, recipes" in str(err.value)
 
 
+def test_file_that_is_not_utf8(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes('name: t\nsmoke: {prompt: "café"}\n'.encode("latin-1"))
+    with pytest.raises(SweepError, match=r"not UTF-8 text \(byte \d+\); save it as UTF-8"):
+        load_sweep(bad)
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n"])
+def test_empty_smoke_prompt(prompt):
+    assert "smoke.prompt: must not be empty" in error({**GOOD, "smoke": {"prompt": prompt}})
+
+
+@pytest.mark.parametrize("name", ["../escape", "/abs", "a/b", ".hidden"])
+def test_a_model_name_cannot_escape_the_store(name):
+    assert "letters, digits, '.', '_' and '-' only" in error({**GOOD, "models": [{"name": name, "source": "demo://tiny-llama"}]})
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(SweepError, match="does not exist"):
         load_sweep(tmp_path / "missing.yaml")
