@@ -7,16 +7,21 @@ the store can make, written to a folder, no hub).
 """
 
 import re
+import socket
 from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, tags
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 
 from flows.cell import STAGES, run_recorded, stored_refs
+from flows.compare import compare_recipes
 from storage.artifacts import Store
+from storage.keys import tool_versions
 from storage.metrics import MetricStore
 from tasks import card as cards
+from tasks.compare import BASE_RECIPE
 from tasks.publish import card_inputs, card_params, dry_run, publish_task
 from tasks.recipes import BUILTINS
 
@@ -48,14 +53,7 @@ def _body(card_text: str) -> str:
 @flow(name="publish-sweep", flow_run_name="publish:{sweep_file}")
 def publish_sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
     """Publish every cell of a sweep from the store, measuring nothing (a sweep must have run)."""
-    from flows.compare import compare_recipes
-    from flows.sweep import plan_and_check, SweepFailed
-    from prefect.runtime import flow_run
-    from tasks.compare import BASE_RECIPE
-
-    import socket
-
-    from storage.keys import tool_versions
+    from flows.sweep import SweepFailed, plan_and_check  # flows.sweep runs publish_cell: imported when called
 
     config, cells = plan_and_check(sweep_file, store)
     artifacts = Store(store)
@@ -86,9 +84,7 @@ def publish_sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
 
 def dry_run_sweep(sweep_file: str, store: str) -> list[str]:
     """What `qsweep publish` would send for each cell of the sweep, as lines to print; sends nothing."""
-    from flows.compare import compare_recipes
     from flows.sweep import plan_and_check
-    from tasks.compare import BASE_RECIPE
 
     config, cells = plan_and_check(sweep_file, store)
     artifacts = Store(store)

@@ -238,14 +238,14 @@ def test_a_failing_cell_and_a_hub_refusal_lose_nothing_and_publish_retries_alone
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     good, wrong = "hf_qsweepTESTsecret0123456789", "hf_qsweepWRONGsecret987654321"
     sweep = write_sweep(tmp_path / "sweep.yaml", {"tiny": tiny_model, "broken": broken}, recipes=["q4"],
-                        publish={"repo": "alice/{model}-{recipe}-mlx"})
+                        publish={"repo": "alice/{model}-{recipe}-mlx"}, fidelity={"enabled": False})
     store, home = tmp_path / "store", tmp_path / "prefect"
     with FakeHub(tokens={good: "alice"}) as hub:
         env = {**hub.env(), "HF_XET_LOG_DEST": str(tmp_path / "xet"), "HF_HOME": str(tmp_path / "hf")}
         refused = qsweep(store, "run", sweep, prefect_home=home, env={**env, "HF_TOKEN": wrong})
         assert refused.returncode != 0
         stages = {(m, s): status for m, _, s, status, _ in stages_of_last_run(store)}
-        assert stages[("tiny", "fidelity")] == "done" and stages[("tiny", "publish")] == "failed"
+        assert stages[("tiny", "benchmark")] == "done" and stages[("tiny", "publish")] == "failed"
         assert stages[("broken", "quantize")] == "failed" and ("broken", "smoke") not in stages
         status = qsweep(store, "status", prefect_home=home)
         assert "broken/q4 quantize failed" in status.stdout and "pending" in status.stdout
