@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -67,6 +68,20 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock on `path` held by this process (released by the OS if it dies)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class CorruptArtifact(Exception):
@@ -131,6 +146,13 @@ class Store:
             return found
         final = self.path(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
+        # Two sweeps on one store wait for each other here instead of building the same key twice.
+        with _locked(self.root / "locks" / f"{stage}-{key}"):
+            found = self.get(stage, key)
+            return found if found is not None else self._build(stage, code_version, params, inputs, key, build)
+
+    def _build(self, stage, code_version, params, inputs, key, build) -> ArtifactRef:
+        final = self.path(stage, key)
         for stale in final.parent.glob(f".tmp-{key}-*"):  # left by a killed run; a live one is not ours to touch
             if not _alive(int(stale.name.rsplit("-", 1)[1])):
                 shutil.rmtree(stale, ignore_errors=True)

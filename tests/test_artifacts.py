@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,33 @@ def test_tampered_artifact_is_moved_aside_and_rebuilt(tmp_path, tamper):
     assert Store(tmp_path).get("quantize", ref.key) == replace(again, reused=True)
     assert json.loads((store.path(again) / MANIFEST).read_text())["digest"] == ref.digest
     assert os.listdir(store.path(again) / "sub") == ["notes.txt"]
+
+
+BUILD_TWICE = """
+import os, sys, time
+from pathlib import Path
+from storage.artifacts import Store
+
+log = Path(sys.argv[2])
+def build(out):
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    time.sleep(1.0)
+    (out / "x.txt").write_text("same bytes")
+    return {}
+ref = Store(sys.argv[1]).produce("quantize", "1", {"recipe": "q4"}, [], build)
+print(ref.key, ref.digest)
+"""
+
+
+def test_two_processes_never_build_the_same_artifact_at_once(tmp_path):
+    """Two sweeps on one store: the second waits for the first's artifact instead of building it again."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "builds.log"
+    cmd = [sys.executable, "-c", BUILD_TWICE, str(tmp_path / "store"), str(log)]
+    both = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent) for _ in range(2)]
+    outs = [p.communicate(timeout=60)[0].strip() for p in both]
+    assert all(p.returncode == 0 for p in both)
+    assert outs[0] == outs[1] and len(log.read_text().splitlines()) == 1  # one build, the same artifact for both
