@@ -27,7 +27,8 @@ class StageFailed(RuntimeError):
 def run_recorded(store: str, run_id: str, model: str, recipe: str, name: str, task_fn, params: dict,
                  inputs: list[ArtifactRef], **extra) -> ArtifactRef:
     """Run one stage's task and record it in the metric history: its outcome, metrics, plan and samples."""
-    artifacts, history = Store(store), MetricStore(Store(store).metrics_db)
+    artifacts = Store(store)
+    history = MetricStore(artifacts.metrics_db)
     # What the Prefect UI lists and filters by: quantize:qx86-hi, download:SmolLM2-135M, tags model:/recipe:
     shared = name in ("download", "reference")  # one artifact for every recipe of the model
     task_fn = task_fn.with_options(task_run_name=f"{name}:{model if shared else recipe}",

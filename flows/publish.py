@@ -43,6 +43,13 @@ def publish_cell(store: str, run_id: str, model: str, recipe: str, refs: dict, s
     return {"model": model, "recipe": recipe, "card": card.key, "exported_to": settings["export_to"]}
 
 
+def publish_tagged(store: str, run_id: str, cell: dict, refs: dict):
+    """publish_cell for one planned cell, tagged with its model and recipe; returns its final state."""
+    with tags(f"model:{cell['model']}", f"recipe:{cell['recipe']}"):
+        return publish_cell(store=store, run_id=run_id, model=cell["model"], recipe=cell["recipe"],
+                            refs=refs, settings=cell["settings"], return_state=True)
+
+
 def _body(card_text: str) -> str:
     """The card without its YAML front matter, which the Prefect UI would show as text."""
     from huggingface_hub import ModelCard
@@ -69,9 +76,7 @@ def publish_sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
             missing.append(f"{c['model']}/{c['recipe']} (not measured: no {lacking} artifact for these settings; "
                            f"run `qsweep run {sweep_file}` first)")
             continue
-        with tags(f"model:{c['model']}", f"recipe:{c['recipe']}"):
-            state = publish_cell(store=str(artifacts.root), run_id=run_id, model=c["model"], recipe=c["recipe"],
-                                 refs=refs, settings=c["settings"], return_state=True)
+        state = publish_tagged(str(artifacts.root), run_id, c, refs)
         if state.is_completed():
             done.append(state.result())
         else:

@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 from flows.cell import cell
 from flows.compare import compare_recipes
 from flows.config import Sweep, SweepError, load_sweep
-from flows.publish import publish_cell, slug
+from flows.publish import publish_tagged, slug
 from storage.artifacts import Store, digest_files, scan_files
 from storage.keys import tool_versions
 from storage.metrics import MetricStore
@@ -159,9 +159,7 @@ def sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
 
     outcomes = []
     for c, refs in measured:  # every card shows its siblings, so cards wait for the last cell
-        with tags(f"model:{c['model']}", f"recipe:{c['recipe']}"):
-            state = publish_cell(store=str(artifacts.root), run_id=run_id, model=c["model"], recipe=c["recipe"],
-                                 refs=refs, settings=c["settings"], return_state=True)
+        state = publish_tagged(str(artifacts.root), run_id, c, refs)
         if state.is_completed():
             outcomes.append(state.result())
         else:

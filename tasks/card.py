@@ -125,12 +125,12 @@ def gather(store: Store, params: dict, refs: dict[str, ArtifactRef]) -> CardFact
         for (other, stage, task, metric), r in rows.items():
             if stage == "fidelity" and other != recipe and r["data"] == corpus:
                 fidelity["recipes"].setdefault(other, {})[metric] = r["value"]
+    runtime = {m for m, _, _ in RUNTIME_COLUMNS}
     for (other, stage, task, metric), r in rows.items():
-        if stage == "smoke" and metric in dict((c[0], c) for c in RUNTIME_COLUMNS) and other != recipe:
+        if stage == "smoke" and metric in runtime and other != recipe:
             fidelity["recipes"].setdefault(other, {})[metric] = r["value"]
     sm = _metrics(manifests["smoke"])
-    fidelity["recipes"].setdefault(recipe, {}).update({m: sm[("smoke", m)]["value"] for m, _, _ in RUNTIME_COLUMNS
-                                                      if ("smoke", m) in sm})
+    fidelity["recipes"].setdefault(recipe, {}).update({m: sm[("smoke", m)]["value"] for m in runtime if ("smoke", m) in sm})
     fidelity["recipes"] = {r: v for r, v in fidelity["recipes"].items() if r in {t["recipe"] for t in table}}
     smoke = json.loads((store.path(refs["smoke"]) / "smoke.json").read_text())
 
