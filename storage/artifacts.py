@@ -5,14 +5,24 @@ with a `manifest.json` that records how it was made (key inputs, tool
 versions, timings) and the sha256 of every file. Its *digest* covers the files
 only, so downstream keys depend on content, never on when or where it was made.
 Writes go to a temporary directory first and are renamed into place, so a
-killed process leaves either a whole artifact or none.
+killed process leaves either a whole artifact or none. An artifact whose files
+no longer match its manifest is moved aside, recorded in the `events` table, and
+built again.
+
+QSWEEP_FAILPOINT=<stage>:start|write makes the process SIGKILL itself as that
+stage's build starts, or once its files are written but before its manifest: the
+fault tests crash a sweep there to show that a rerun loses nothing.
 """
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -84,15 +94,56 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _clean_stale(folder: Path, prefix: str) -> None:
+    """Remove what a killed run left half made: `<prefix><pid>[-...]`; a live process's is not ours to touch."""
+    for stale in folder.glob(f"{prefix}*"):
+        if not _alive(int(stale.name[len(prefix):].split("-")[0])):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 class CorruptArtifact(Exception):
     pass
 
 
+class NoRoom(OSError):
+    """The store's disk (or the process's file size limit) ran out while writing an artifact."""
+
+
+def _failpoint(stage: str, point: str) -> None:
+    if os.environ.get("QSWEEP_FAILPOINT") == f"{stage}:{point}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _no_room(error: BaseException, where: Path) -> str | None:
+    """Why a failed write most likely failed for lack of room, or None. mlx's writers raise
+    RuntimeError without an errno, so the disk's free space decides as well."""
+    import resource
+
+    code, limit = getattr(error, "errno", None), resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if code == errno.EFBIG or (code is None and limit != resource.RLIM_INFINITY):
+        return f"this process may write files of at most {limit} bytes (ulimit -f)"
+    usage = shutil.disk_usage(where)
+    if code in (errno.ENOSPC, errno.EDQUOT) or usage.free < min(64 << 20, usage.total // 100):
+        return f"the disk holding {where} is full ({usage.free / 1e6:.1f} MB free of {usage.total / 1e6:.1f} MB)"
+    return None
+
+
 class Store:
-    def __init__(self, root: Path | str):
+    """`mirror` (default: $QSWEEP_MIRROR), an fsspec URL such as s3://bucket/qsweep, shares finished
+    artifacts between machines (storage/remote.py): one missing here is pulled from it, verified,
+    and used instead of being built; one built here is pushed to it."""
+
+    def __init__(self, root: Path | str, mirror: str | None = None):
         self.root = Path(root).resolve()
         self._verified: set[str] = set()
         self.metrics_db = self.root / "metrics.duckdb"
+        mirror = mirror or os.environ.get("QSWEEP_MIRROR")
+        if mirror:
+            from storage.remote import Mirror
+
+            self.mirror = Mirror(mirror)
+        else:
+            self.mirror = None
 
     def path(self, ref_or_stage, key: str | None = None) -> Path:
         if isinstance(ref_or_stage, ArtifactRef):
@@ -120,13 +171,21 @@ class Store:
     def get(self, stage: str, key: str) -> ArtifactRef | None:
         """The verified artifact under this key, or None. A corrupt one is moved aside."""
         if not self.path(stage, key).exists():  # a dir without its manifest is corrupt, not absent
-            return None
+            return self._pull(stage, key) if self.mirror is not None else None
         try:
             return self.verify(stage, key)
-        except CorruptArtifact:
+        except CorruptArtifact as e:
             aside = self.path(stage, key).with_name(f".corrupt-{key}-{int(time.time())}")
             os.replace(self.path(stage, key), aside)
+            self._record("corrupt", stage, key, f"{e}; moved aside to {aside.name}")
             return None
+
+    def _record(self, kind: str, stage: str, key: str, detail: str) -> None:
+        """What the store noticed and did about it: a warning, and a row in the `events` table."""
+        from storage.metrics import MetricStore
+
+        logging.getLogger("qsweep").warning("%s %s/%s: %s", kind, stage, key, detail)
+        MetricStore(self.metrics_db).record_event(kind, stage, key, detail)
 
     def produce(
         self,
@@ -149,19 +208,51 @@ class Store:
         # Two sweeps on one store wait for each other here instead of building the same key twice.
         with _locked(self.root / "locks" / f"{stage}-{key}"):
             found = self.get(stage, key)
-            return found if found is not None else self._build(stage, code_version, params, inputs, key, build)
+            if found is not None:
+                return found
+            ref = self._build(stage, code_version, params, inputs, key, build)
+        if self.mirror is not None:  # outside the lock: others waiting for this key need not wait for the upload
+            try:
+                self.mirror.push(final, stage, key)
+            except Exception as e:  # the local artifact stands; other machines build it themselves
+                logging.getLogger("qsweep").warning("%s/%s not pushed to %r: %s", stage, key, self.mirror, e)
+        return ref
+
+    def _pull(self, stage: str, key: str) -> ArtifactRef | None:
+        """The artifact from the mirror, verified and renamed into place; None if it has none whole."""
+        final = self.path(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale(final.parent, f".pull-{key}-")
+        tmp = final.with_name(f".pull-{key}-{os.getpid()}-{threading.get_ident()}")
+        if not self.mirror.pull(stage, key, tmp):
+            if self.mirror.has(stage, key):  # whole but wrong: gone, so that the push after our build repairs it
+                self.mirror.discard(stage, key)
+                self._record("corrupt", stage, key, f"the copy on {self.mirror.url} differs from its manifest; removed there")
+            return None
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process put it there first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self.verify(stage, key)
 
     def _build(self, stage, code_version, params, inputs, key, build) -> ArtifactRef:
         final = self.path(stage, key)
-        for stale in final.parent.glob(f".tmp-{key}-*"):  # left by a killed run; a live one is not ours to touch
-            if not _alive(int(stale.name.rsplit("-", 1)[1])):
-                shutil.rmtree(stale, ignore_errors=True)
+        _clean_stale(final.parent, f".tmp-{key}-")
         tmp = final.with_name(f".tmp-{key}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)  # our own pid, from an earlier process that had it
         tmp.mkdir()
         started = time.time()
         try:
-            info = build(tmp) or {}
+            _failpoint(stage, "start")
+            try:
+                info = build(tmp) or {}
+            except Exception as e:
+                if (why := _no_room(e, tmp)) is not None:
+                    raise NoRoom(f"{stage}: could not write its artifact: {type(e).__name__}: {e}; {why}. Nothing of "
+                                 "this stage was kept: free some space (or use --store on a larger disk) and run the "
+                                 "sweep again; finished stages are not redone") from e
+                raise
+            _failpoint(stage, "write")
             files = scan_files(tmp)
             manifest = {
                 "stage": stage,

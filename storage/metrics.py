@@ -1,12 +1,15 @@
 """Metric history in DuckDB: sweep runs, stage executions, metric rows.
 
 DuckDB lets one process hold a file read-write, and while it does nobody can
-open it, not even read-only. So writers open short-lived connections and
-retry on a lock, and `qsweep sql` does the same with read_only=True: a user
-can query while a sweep runs.
+open it, not even read-only. So there is one writer at a time by design: every
+access opens a short-lived connection (milliseconds) and retries while another
+process holds the file; within a process, threads (cells running at once) take
+turns on a lock. `qsweep sql` does the same with read_only=True: a user can
+query while a sweep runs, and several workers can write one store.
 """
 
 import json
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,6 +96,10 @@ CREATE TABLE IF NOT EXISTS comparisons (
     only_base BIGINT, only_recipe BIGINT, p_value DOUBLE, significant BOOLEAN,
     PRIMARY KEY (model, task, base, recipe)
 );
+-- What the store noticed: an artifact whose files no longer matched its manifest (kind 'corrupt').
+CREATE TABLE IF NOT EXISTS events (
+    happened TIMESTAMPTZ, kind VARCHAR, stage VARCHAR, key VARCHAR, detail VARCHAR, host VARCHAR
+);
 -- The metrics of each cell's stages as last done: old rows from earlier settings stay in `metrics`.
 CREATE OR REPLACE VIEW latest_metrics AS
 WITH latest AS (
@@ -109,6 +116,10 @@ SELECT s.* FROM samples s JOIN latest l USING (model, recipe) WHERE s.artifact_k
 """
 
 
+_turns = threading.RLock()  # one connection at a time per process: DuckDB refuses a second with other settings
+_schema_ready: set[str] = set()
+
+
 class MetricStore:
     def __init__(self, path: Path | str, lock_timeout: float = 60.0):
         self.path = Path(path)
@@ -120,20 +131,22 @@ class MetricStore:
             raise FileNotFoundError(f"no metric history at {self.path}: run a sweep first")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + self.lock_timeout
-        while True:
+        with _turns:
+            while True:
+                try:
+                    con = duckdb.connect(str(self.path), read_only=read_only)
+                    break
+                except duckdb.IOException as e:
+                    if "lock" not in str(e).lower() or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
             try:
-                con = duckdb.connect(str(self.path), read_only=read_only)
-                break
-            except duckdb.IOException as e:
-                if "lock" not in str(e).lower() or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        try:
-            if not read_only:
-                con.execute(SCHEMA)
-            yield con
-        finally:
-            con.close()
+                if not read_only and str(self.path) not in _schema_ready:
+                    con.execute(SCHEMA)
+                    _schema_ready.add(str(self.path))
+                yield con
+            finally:
+                con.close()
 
     def start_run(self, run_id: str, sweep: str, sweep_file: str, sweep_digest: str, host: str, tools: dict, cells: list):
         with self.connect() as con:
@@ -152,6 +165,12 @@ class MetricStore:
                 "INSERT INTO stages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
                 [run_id, model, recipe, stage, key, status, cached, seconds, error],
             )
+
+    def record_event(self, kind: str, stage: str, key: str, detail: str):
+        import socket
+
+        with self.connect() as con:
+            con.execute("INSERT INTO events VALUES (now(), ?, ?, ?, ?, ?)", [kind, stage, key, detail, socket.gethostname()])
 
     def record_metrics(self, run_id, model, recipe, stage, artifact_key, rows: list[dict]):
         """Insert metric rows; rows already recorded for this artifact stay as they are."""
