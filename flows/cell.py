@@ -13,9 +13,9 @@ from prefect import flow
 
 from storage.artifacts import ArtifactRef, Store
 from storage.metrics import MetricStore
-from tasks import benchmark, download, fidelity, quantize, smoke
+from tasks import benchmark, download, fidelity, quantize, remote_code, smoke
 from tasks.download import key_params, redact
-from tasks.stage import run_stage
+from tasks.stage import ensure_model_slots, run_stage
 
 STAGES = ("download", "quantize", "smoke", "benchmark", "reference", "fidelity", "publish")
 
@@ -43,37 +43,65 @@ def run_recorded(store: str, run_id: str, model: str, recipe: str, name: str, ta
     ref = state.result()
     cached = ref.reused or state.name == "Cached"
     history.record_stage(run_id, model, recipe, name, ref.key, "done", cached, seconds)
+    record_outputs(artifacts, history, run_id, model, recipe, ref)
+    return ref
+
+
+def record_outputs(artifacts: Store, history: MetricStore, run_id: str, model: str, recipe: str, ref: ArtifactRef):
+    """An artifact's rows in the metric history: its metrics, plan and samples, all kept in the
+    artifact itself. Rows already there stay as they are."""
     info = artifacts.manifest(ref)["info"]
-    history.record_metrics(run_id, model, recipe, name, ref.key, info.get("metrics", []))
+    history.record_metrics(run_id, model, recipe, ref.stage, ref.key, info.get("metrics", []))
     history.record_layers(model, recipe, ref.key, info.get("plan", []))
     samples = artifacts.path(ref) / "samples.jsonl"
     if samples.exists():
         history.record_samples(model, recipe, ref.key, [json.loads(line) for line in samples.read_text().splitlines()])
-    return ref
+
+
+def record_found(artifacts: Store, run_id: str, model: str, recipe: str, refs: dict) -> None:
+    """Record a cell that ran elsewhere (a worker on another machine, with its own metric history)
+    from its artifacts, as found (cached) by this run; stages this run already recorded stay."""
+    history = MetricStore(artifacts.metrics_db)
+    with history.connect() as con:
+        seen = {s for (s,) in con.execute("SELECT stage FROM stages WHERE run_id = ? AND model = ? AND recipe = ? "
+                                          "AND status = 'done'", [run_id, model, recipe]).fetchall()}
+    for name, ref in refs.items():
+        if name not in seen:
+            history.record_stage(run_id, model, recipe, name, ref.key, "done", True, 0.0)
+        record_outputs(artifacts, history, run_id, model, recipe, ref)
 
 
 def chain(source: dict, settings: dict) -> list[tuple]:
     """The measuring stages in order: (stage, its task, its parameters, the stages it takes as inputs, extras)."""
+    trust = {"trust_remote_code": settings.get("trust_remote_code", False)}  # not in any key: it changes no result
     steps = [
         ("download", download.download_task, key_params(source), [], {"resolved": source}),
-        ("quantize", quantize.quantize_task, settings["recipe"], ["download"], {}),
-        ("smoke", smoke.smoke_task, settings["smoke"], ["quantize"], {}),
-        ("benchmark", benchmark.benchmark_task, settings["benchmark"], ["quantize"], {}),
+        ("quantize", quantize.quantize_task, settings["recipe"], ["download"], trust),
+        ("smoke", smoke.smoke_task, settings["smoke"], ["quantize"], trust),
+        ("benchmark", benchmark.benchmark_task, settings["benchmark"], ["quantize"], trust),
     ]
     if settings.get("fidelity"):
         # the base's pass has the same key in every cell of a model: computed once, then found in the store
-        steps += [("reference", fidelity.reference_task, settings["fidelity"], ["download"], {}),
-                  ("fidelity", fidelity.fidelity_task, settings["fidelity"], ["quantize", "reference"], {})]
+        steps += [("reference", fidelity.reference_task, settings["fidelity"], ["download"], trust),
+                  ("fidelity", fidelity.fidelity_task, settings["fidelity"], ["quantize", "reference"], trust)]
     return steps
 
 
 @flow(name="cell", flow_run_name="cell:{model}/{recipe}")
-def cell(store: str, run_id: str, model: str, recipe: str, source: dict, settings: dict) -> dict:
-    """`settings` holds each stage's parameters, as the sweep flow prepared them. Returns the
-    cell's artifacts by stage, for publishing."""
+def cell(store: str, run_id: str, model: str, recipe: str, source: dict, settings: dict, model_slots: int = 1) -> dict:
+    """`settings` holds each stage's parameters, as the sweep flow prepared them; `model_slots`
+    is how many models this machine may hold at once. Returns the cell's artifacts by stage."""
+    ensure_model_slots(model_slots)  # here, not in the sweep: a worker on another machine counts its own
     refs = {}
     for name, task_fn, params, needs, extra in chain(source, settings):
         refs[name] = run_recorded(store, run_id, model, recipe, name, task_fn, params, [refs[n] for n in needs], **extra)
+        if name == "download":  # refused before anything loads the model; recorded on the stage it stops
+            try:
+                remote_code.check(model, Store(store).path(refs[name]), settings.get("trust_remote_code", False))
+            except remote_code.RemoteCodeRefused as e:
+                MetricStore(Store(store).metrics_db).record_stage(run_id, model, recipe, "quantize", None, "failed",
+                                                                  False, 0.0, f"RemoteCodeRefused: {e}")
+                raise StageFailed(f"{model}/{recipe}: {e}") from None
     return {"model": model, "recipe": recipe, "refs": refs}
 
 

@@ -68,6 +68,9 @@ def cmd_status(args) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not runs:
+        print(f"no sweep has run on {args.store} yet", file=sys.stderr)
+        return 2
     run_id, name, status, started, finished, cells = runs[0]
     _, stages = db.query("SELECT model, recipe, stage, status, cached, seconds, error FROM stages WHERE run_id = ?", [run_id])
     done = {(m, r, s): ("cached" if c else st, sec, err) for m, r, s, st, c, sec, err in stages}
@@ -84,6 +87,9 @@ def cmd_status(args) -> int:
     errors = [(m, r, s, e) for (m, r, s), (st, _, e) in done.items() if st == "failed"]
     for m, r, s, e in errors:
         print(f"\n{m}/{r} {s} failed: {e}")
+    _, events = db.query("SELECT kind, stage, detail FROM events WHERE happened >= ? ORDER BY happened", [started])
+    for kind, stage, detail in events:  # e.g. an artifact altered on disk, found and built again
+        print(f"\nstore: {kind} {stage} artifact: {detail}")
     return 1 if errors else 0
 
 
@@ -231,6 +237,15 @@ def cmd_recipes_check(args) -> int:
     return status
 
 
+def cmd_worker(args) -> int:
+    """A Prefect worker on a process pool. Started through qsweep, so the flow runs it starts
+    inherit the OpenBLAS preload (flows/blas.py) that a plain `prefect worker start` lacks."""
+    cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool, "--type", "process"]
+    cmd += ["--name", args.name] if args.name else []
+    cmd += ["--limit", str(args.limit)] if args.limit else []
+    os.execv(sys.executable, cmd)
+
+
 def main(argv=None) -> int:
     if argv is None:  # a real command line: give mlx a real BLAS first (flows/blas.py)
         from flows.blas import reexec_with_blas
@@ -277,6 +292,12 @@ def main(argv=None) -> int:
     v.add_argument("files", nargs="+", type=Path)
     v.add_argument("--model", help="also resolve them for this model: rules matching nothing, fallbacks")
     v.set_defaults(fn=cmd_recipes_check)
+
+    p = sub.add_parser("worker", help="start a Prefect worker for the deployments in prefect.yaml")
+    p.add_argument("--pool", default="qsweep", help="the work pool (default: qsweep; created if missing)")
+    p.add_argument("--name", help="the worker's name (default: Prefect's)")
+    p.add_argument("--limit", type=int, help="most flow runs at once (default: no limit)")
+    p.set_defaults(fn=cmd_worker)
 
     args = parser.parse_args(argv)
     return args.fn(args)

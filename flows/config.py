@@ -25,6 +25,7 @@ class Strict(BaseModel):
 class ModelSpec(Strict):
     name: str
     source: str  # hf://org/name[@revision], demo://tiny-llama, or a local directory
+    trust_remote_code: bool = False  # let the model's own code run on loading (tasks/remote_code.py)
 
     @field_validator("name")
     @classmethod
@@ -97,6 +98,13 @@ class PublishSpec(Strict):
         return repo
 
 
+class ConcurrencySpec(Strict):
+    """How much runs at once. Speed and peak memory are measured while other cells run, so
+    numbers meant for a card come from the defaults."""
+    cells: int = Field(1, ge=1, le=64)  # cells of this sweep measured at once
+    model_slots: int = Field(1, ge=1, le=64)  # stages holding a model in memory at once, per machine
+
+
 class Sweep(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     models: list[ModelSpec] = Field(min_length=1)
@@ -105,6 +113,7 @@ class Sweep(Strict):
     benchmark: BenchmarkSpec = BenchmarkSpec()
     fidelity: FidelitySpec = FidelitySpec()
     publish: PublishSpec = PublishSpec()
+    concurrency: ConcurrencySpec = ConcurrencySpec()
 
     @model_validator(mode="after")
     def _unique(self):

@@ -1,20 +1,24 @@
 """A sweep: validate the sweep file, record the run, run one cell flow per (model, recipe),
-then publish each measured cell (its card shows the others) and write the report.
+`concurrency.cells` at a time, here or on the workers of a deployment's pool; then publish
+each measured cell (its card shows the others) and write the report.
 
 A failed cell is recorded with its error and the others go on; the sweep
 fails at the end if any cell did. Finished stages are never recomputed: run
 the same sweep again after a crash and only unfinished stages run.
 """
 
+import contextvars
 import hashlib
 import socket
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.runtime import flow_run
+from prefect.settings import get_current_settings
 
-from flows.cell import cell
+from flows.cell import cell, record_found, stored_refs
 from flows.compare import compare_recipes
 from flows.config import Sweep, SweepError, load_sweep
 from flows.publish import publish_tagged, slug
@@ -25,6 +29,7 @@ from tasks.benchmark import LOCAL_TASKS, resolve_backend, task_manager_for
 from tasks.compare import BASE_RECIPE
 from tasks.download import SourceError, key_params, resolve_source
 from tasks.offline_tasks import plan_tasks
+from tasks.stage import ensure_model_slots
 
 
 class SweepFailed(RuntimeError):
@@ -102,6 +107,7 @@ def plan_cells(config: Sweep, resolved: dict, store: Store) -> list[dict]:
                         "private": config.publish.private, "license": config.publish.license,
                     },
                     "export_to": str(export_dir / f"{m.name}-{recipe.name}-mlx"),
+                    "trust_remote_code": m.trust_remote_code,
                 },
             })
     return cells
@@ -124,8 +130,47 @@ def _run_name() -> str:
         return f"sweep:{path.stem}"
 
 
+def measure_cells(cells: list[dict], store: Store, run_id: str, at_once: int, model_slots: int,
+                  cell_deployment: str | None):
+    """Run the cells' measuring stages, `at_once` at a time; yield (cell, refs or None, error) as each ends.
+
+    Each cell is a subflow of the sweep; with `cell_deployment` it is a run of that deployment
+    instead, which any worker on its pool picks up, and its artifacts are then found in the store."""
+    def one(c):
+        try:
+            return measure(c)
+        except Exception as e:  # e.g. the deployment is missing: this cell fails, the others go on
+            return None, f"{type(e).__name__}: {e}"
+
+    def measure(c):
+        params = dict(store=str(store.root), run_id=run_id, model=c["model"], recipe=c["recipe"],
+                      source=c["source"], settings=c["settings"], model_slots=model_slots)
+        if cell_deployment is None:
+            state = cell(**params, return_state=True)
+            return state.result()["refs"] if state.is_completed() else None, state.message
+        from prefect.deployments import run_deployment
+
+        run = run_deployment(cell_deployment, parameters=params, tags=[f"model:{c['model']}", f"recipe:{c['recipe']}"],
+                             as_subflow=True)
+        refs, missing = stored_refs(store, c["source"], c["settings"])  # pulled from the mirror if it ran elsewhere
+        if not run.state.is_completed() or missing is not None:
+            return None, run.state.message
+        record_found(store, run_id, c["model"], c["recipe"], refs)
+        return refs, None
+
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
+        running = {}
+        for c in cells:
+            with tags(f"model:{c['model']}", f"recipe:{c['recipe']}"):
+                context = contextvars.copy_context()  # each thread runs the cell as a child of this sweep
+            running[pool.submit(context.run, one, c)] = c
+        for done in as_completed(running):
+            yield running[done], *done.result()
+
+
 @flow(name="sweep", flow_run_name=_run_name)
-def sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
+def sweep(sweep_file: str, store: str = ".qsweep", cell_deployment: str | None = None) -> list[dict]:
+    """`cell_deployment` (e.g. "cell/qsweep-cell") sends each cell to the workers of that deployment's pool."""
     log = get_run_logger()
     config, digest = load_sweep(sweep_file)
     resolved = resolve_models(config)
@@ -133,6 +178,7 @@ def sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
     history = MetricStore(artifacts.metrics_db)
     cells = plan_cells(config, resolved, artifacts)
     run_id = flow_run.get_id() or "local"
+    ensure_model_slots(config.concurrency.model_slots, reclaim=get_current_settings().api.url is None)
     history.start_run(run_id, config.name, str(sweep_file), digest, socket.gethostname(), tool_versions(),
                       [{"model": c["model"], "recipe": c["recipe"]} for c in cells])
     # What the Prefect UI shows of the run: its progress, a table of finished cells, and each card.
@@ -141,19 +187,19 @@ def sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
     steps, finished = 2 * len(cells), 0
 
     measured, failed = [], []
-    for c in cells:
-        with tags(f"model:{c['model']}", f"recipe:{c['recipe']}"):
-            state = cell(store=str(artifacts.root), run_id=run_id, model=c["model"], recipe=c["recipe"],
-                         source=c["source"], settings=c["settings"], return_state=True)
-        if state.is_completed():
-            measured.append((c, state.result()["refs"]))
+    for c, refs, error in measure_cells(cells, artifacts, run_id, config.concurrency.cells,
+                                        config.concurrency.model_slots, cell_deployment):
+        if refs is not None:
+            measured.append((c, refs))
         else:
             failed.append(f"{c['model']}/{c['recipe']}")
-            log.error("cell %s/%s failed: %s", c["model"], c["recipe"], state.message)
+            log.error("cell %s/%s failed: %s", c["model"], c["recipe"], error)
         finished += 1
         update_progress_artifact(progress, 100 * finished / steps)
         create_table_artifact(history.cell_summary([(c["model"], c["recipe"]) for c, _ in measured]),
                               key=slug(config.name, "cells"), description=f"sweep {config.name}: finished cells")
+    order = {(c["model"], c["recipe"]): i for i, c in enumerate(cells)}
+    measured.sort(key=lambda m: order[(m[0]["model"], m[0]["recipe"])])  # cards in the sweep file's order
     if any(c["recipe"] == BASE_RECIPE for c in cells):
         compare_recipes(str(artifacts.root), BASE_RECIPE)  # the `comparisons` table; `qsweep compare` prints it
 

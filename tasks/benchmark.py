@@ -20,6 +20,8 @@ from prefect import task
 
 from storage.artifacts import ArtifactRef, Store, artifact_key
 from tasks import cpu
+from tasks import remote_code
+from tasks.remote_code import load_options
 from tasks.stage import artifact_cache
 
 CODE_VERSION = "6"  # 5: per-question samples.jsonl; 6: scored in checkpointed chunks (resume)
@@ -39,7 +41,7 @@ def load_as(model_dir: Path, backend: str):
 
     if backend not in ("native", "fp32"):
         raise ValueError(f"backend {backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
-    model, tokenizer = load(str(model_dir))
+    model, tokenizer = load(str(model_dir), **load_options())
     if backend == "fp32":
         # The same quantized weights, expanded: a CPU runs dense fp32 matmuls
         # through BLAS far faster than quantized_matmul or bf16.
@@ -597,14 +599,15 @@ def _json_default(obj):
     raise TypeError(f"{type(obj).__name__} in lm-eval results is not JSON-serialisable")
 
 
-@task(name="benchmark", cache_policy=artifact_cache("benchmark", CODE_VERSION), persist_result=True)
-def benchmark_task(store: str, params: dict, inputs: list[ArtifactRef]) -> ArtifactRef:
+@task(name="benchmark", cache_policy=artifact_cache("benchmark", CODE_VERSION, loads_model=True), persist_result=True)
+def benchmark_task(store: str, params: dict, inputs: list[ArtifactRef], trust_remote_code: bool = False) -> ArtifactRef:
     s = Store(store)
     model_dir = s.path(inputs[0])
     # Outside the artifact's temporary folder, which a crashed run leaves to be cleaned away.
     checkpoint = s.root / "partial" / "benchmark" / f"{artifact_key('benchmark', CODE_VERSION, params, inputs)}.jsonl"
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    ref = s.produce("benchmark", CODE_VERSION, params, inputs,
-                    lambda out: {"metrics": benchmark(model_dir, params, out, checkpoint)})
+    with remote_code.allowed(trust_remote_code):
+        ref = s.produce("benchmark", CODE_VERSION, params, inputs,
+                        lambda out: {"metrics": benchmark(model_dir, params, out, checkpoint)})
     checkpoint.unlink(missing_ok=True)
     return ref

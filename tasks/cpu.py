@@ -14,20 +14,25 @@ BLAS) use more than one core. Three things close most of that gap:
 
 import contextlib
 import ctypes
-import functools
 import os
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
 
 
-@functools.cache
+_local = threading.local()  # mlx streams belong to the thread that made them; cells may run in threads
+
+
 def streams() -> list:
     """The streams to split a batch over: one per core on a CPU (at most 8), the default one elsewhere."""
-    if mx.default_device() != mx.cpu:
-        return [mx.default_stream(mx.default_device())]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(min(cores, 8) - 1)]
+    if getattr(_local, "streams", None) is None:
+        if mx.default_device() != mx.cpu:
+            _local.streams = [mx.default_stream(mx.default_device())]
+        else:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            _local.streams = [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(min(cores, 8) - 1)]
+    return _local.streams
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from prefect import task
 from storage.artifacts import ArtifactRef, Store, digest_files, file_sha256
 from tasks.stage import artifact_cache
 
-CODE_VERSION = "3"  # 2: .gguf sources; 3: the base's license and hub id in the manifest (for cards)
+CODE_VERSION = "4"  # 2: .gguf sources; 3: the base's license and hub id in the manifest (for cards); 4: *.py files
 
 # What mlx-lm needs to load a model and its tokenizer, and nothing else (no .bin/.pth/.gguf/onnx, no README).
 WEIGHTS = "model*.safetensors"  # mlx_lm.load globs this; it skips e.g. Mistral's duplicate consolidated.safetensors
@@ -31,6 +31,7 @@ MODEL_FILES = [
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "tokenizer.model", "tiktoken.model", "*.tiktoken", "vocab.json", "vocab.txt", "merges.txt",
     "chat_template.jinja", "chat_template.json", "LICENSE*",
+    "*.py",  # a model's own code: fetched so that it can be seen and refused, or run where the sweep allows it
 ]
 # Model files live at the repo root; subfolders hold other formats (original/, onnx/, gguf/...).
 HF_IGNORE = ["*/*"]

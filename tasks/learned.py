@@ -18,6 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from tasks.recipes import METHODS
+from tasks.remote_code import load_options
 
 CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
 
@@ -79,7 +80,7 @@ def learned_quantize(base_dir: Path, out: Path, method: str, bits: int, group_si
     from mlx_lm.utils import load, load_model, save
 
     text = _check(method, bits, group_size, calibration)
-    model, tokenizer, config = load(str(base_dir), lazy=True, return_config=True)
+    model, tokenizer, config = load(str(base_dir), lazy=True, return_config=True, **load_options())
     if "quantization" in config or "quantization_config" in config:
         raise ValueError(f"base_dir: {base_dir} is already quantized; learned quantization needs a float model")
     if method == "awq" and config["model_type"] not in awq.AWQ_MODEL_CONFIGS:
@@ -104,7 +105,7 @@ def learned_quantize(base_dir: Path, out: Path, method: str, bits: int, group_si
     save(out, base_dir, model, tokenizer, config)
 
     # Read the layers back from what we wrote, so `layers` is what mlx_lm.load will build.
-    saved, _ = load_model(Path(out), lazy=True)
+    saved, _ = load_model(Path(out), lazy=True, trust_remote_code=load_options()["trust_remote_code"])
     layers = {
         path: {"bits": m.bits, "group_size": m.group_size, "mode": getattr(m, "mode", "affine")}
         for path, m in tree_flatten(saved.leaf_modules(), is_leaf=nn.Module.is_module)

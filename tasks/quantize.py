@@ -17,6 +17,8 @@ from prefect import task
 from storage.artifacts import ArtifactRef, Store
 from tasks.plan import plan_for
 from tasks.recipes import Recipe
+from tasks import remote_code
+from tasks.remote_code import load_options
 from tasks.stage import artifact_cache
 
 CODE_VERSION = "2"  # 2: plans with layer selectors and fallbacks; learned recipes; layer entries carry a mode
@@ -43,7 +45,7 @@ def quantize(base_dir: Path, recipe: Recipe, out: Path) -> dict:
         learned = None
         _convert(base_dir, recipe, plan, out)
 
-    model, config = load_model(out, lazy=True)
+    model, config = load_model(out, lazy=True, trust_remote_code=load_options()["trust_remote_code"])
     weight_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     quantization = config.get("quantization", {})
     # mlx-lm's GPTQ writes layer entries without a mode: affine is what mlx_lm.load assumes then
@@ -88,6 +90,7 @@ def _convert(base_dir: Path, recipe: Recipe, plan, out: Path) -> None:
             q_group_size=recipe.group_size if recipe.quantizes_any else None,
             q_mode=recipe.mode,
             dtype=recipe.dtype,
+            trust_remote_code=load_options()["trust_remote_code"],
             quant_predicate=predicate if recipe.quantizes_any else None,
         )
     for f in staging.iterdir():
@@ -107,8 +110,9 @@ def _realised(rows: list[dict], quantization: dict) -> list[dict]:
     return out
 
 
-@task(name="quantize", cache_policy=artifact_cache("quantize", CODE_VERSION), persist_result=True)
-def quantize_task(store: str, params: dict, inputs: list[ArtifactRef]) -> ArtifactRef:
+@task(name="quantize", cache_policy=artifact_cache("quantize", CODE_VERSION, loads_model=True), persist_result=True)
+def quantize_task(store: str, params: dict, inputs: list[ArtifactRef], trust_remote_code: bool = False) -> ArtifactRef:
     s = Store(store)
     base_dir = s.path(inputs[0])
-    return s.produce("quantize", CODE_VERSION, params, inputs, lambda out: quantize(base_dir, Recipe.from_params(params), out))
+    with remote_code.allowed(trust_remote_code):
+        return s.produce("quantize", CODE_VERSION, params, inputs, lambda out: quantize(base_dir, Recipe.from_params(params), out))

@@ -1,4 +1,5 @@
-"""What every stage's Prefect task shares: its cache key is the artifact key.
+"""What every stage's Prefect task shares: its cache key is the artifact key, and a stage
+that loads a model holds one of the machine's model slots while it runs.
 
 Prefect sees the same key that storage/keys.py computes, so a re-run shows
 finished stages as Cached in the UI. The artifact store stays the source of
@@ -7,10 +8,13 @@ or a stage's effects outside the store no longer hold (publish: `done`),
 `run_stage` makes Prefect run the task whatever its own cache says.
 """
 
+import contextlib
+import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from prefect.cache_policies import CachePolicy
+from prefect.concurrency.sync import concurrency
 
 from storage.artifacts import Store, artifact_key
 
@@ -20,6 +24,7 @@ class ArtifactCache(CachePolicy):
     stage: str = ""
     code_version: str = ""
     done: Optional[Callable[[str, dict], bool]] = None
+    loads_model: bool = False
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
         return artifact_key(self.stage, self.code_version, inputs["params"], inputs["inputs"])
@@ -32,12 +37,43 @@ class ArtifactCache(CachePolicy):
         return self.done is None or self.done(key, parameters)
 
 
-def artifact_cache(stage: str, code_version: str, done=None) -> ArtifactCache:
-    return ArtifactCache(stage=stage, code_version=code_version, done=done)
+def artifact_cache(stage: str, code_version: str, done=None, loads_model: bool = False) -> ArtifactCache:
+    return ArtifactCache(stage=stage, code_version=code_version, done=done, loads_model=loads_model)
+
+
+def model_slots() -> str:
+    """The Prefect global concurrency limit that counts models in memory on this machine."""
+    return f"qsweep-models-{socket.gethostname()}"
+
+
+def ensure_model_slots(count: int, reclaim: bool = False) -> None:
+    """Create or resize this machine's model-slot limit (`prefect gcl ls` shows it).
+
+    `reclaim` zeroes the slots in use. A sweep without a Prefect server asks for it: its
+    temporary server keeps slot leases in memory, so slots a killed sweep held would stay
+    taken for good (a real server's lease expiry frees them)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.upsert_global_concurrency_limit_by_name(model_slots(), count)
+        except ObjectAlreadyExists:  # another cell created it a moment ago
+            client.upsert_global_concurrency_limit_by_name(model_slots(), count)
+        if reclaim:
+            client.update_global_concurrency_limit(model_slots(), GlobalConcurrencyLimitUpdate(active_slots=0))
 
 
 def run_stage(task_fn, **parameters):
-    """Call a stage's task and return its final state; Prefect's cache is trusted only where the store agrees."""
-    if not task_fn.cache_policy.holds(parameters):
-        task_fn = task_fn.with_options(refresh_cache=True)
-    return task_fn(**parameters, return_state=True)
+    """Call a stage's task and return its final state; Prefect's cache is trusted only where the store agrees.
+
+    A stage that will load a model first takes a slot of `model_slots()` (the sweep sets its
+    size), so many cells never hold more models at once than the machine has room for;
+    a stage found in the store takes none."""
+    policy = task_fn.cache_policy
+    if policy.holds(parameters):
+        return task_fn(**parameters, return_state=True)
+    slot = concurrency(model_slots(), occupy=1, lease_duration=60) if policy.loads_model else contextlib.nullcontext()
+    with slot:
+        return task_fn.with_options(refresh_cache=True)(**parameters, return_state=True)

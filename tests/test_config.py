@@ -131,3 +131,20 @@ def test_demo_sweep_is_valid():
 ])
 def test_publish_repo_is_checked_before_any_work(repo, says):
     assert says in error({**GOOD, "publish": {"repo": repo}})
+
+
+@pytest.mark.parametrize("concurrency, says", [
+    ({"cells": 0}, "concurrency.cells: Input should be greater than or equal to 1"),
+    ({"model_slots": "two"}, "concurrency.model_slots: Input should be a valid integer"),
+    ({"workers": 2}, "concurrency.workers: unknown key; allowed keys: cells, model_slots"),
+])
+def test_concurrency_is_checked(concurrency, says):
+    assert says in error({**GOOD, "concurrency": concurrency})
+
+
+def test_remote_code_is_off_unless_a_model_says_so():
+    sweep = parse_sweep({**GOOD, "models": [{"name": "a", "source": "demo://tiny-llama"},
+                                            {"name": "b", "source": "demo://tiny-llama", "trust_remote_code": True}]})
+    assert [m.trust_remote_code for m in sweep.models] == [False, True]
+    assert "models[0].trust_remote_code: Input should be a valid boolean" in error(
+        {**GOOD, "models": [{"name": "a", "source": "demo://tiny-llama", "trust_remote_code": "maybe"}]})
