@@ -1,106 +1,26 @@
 """End to end: the `qsweep` command on generated models, as a user runs it.
 
 Real Prefect (ephemeral), mlx, mlx-lm, lm-eval and DuckDB, each run in its own
-process, like a user at a terminal.
+process, like a user at a terminal. Crashes, faults and two sweeps at once: test_faults.py.
 """
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import duckdb
 import pytest
-import yaml
-
-RECIPES = ["bf16", "q4", "qx86-hi"]
-VOLATILE = ("generation_tokens_per_s", "prompt_tokens_per_s", "peak_memory_gb")
-
-
-def write_sweep(path: Path, models: dict, recipes=RECIPES, **extra) -> Path:
-    sweep = {
-        "name": "test",
-        "models": [{"name": n, "source": str(s)} for n, s in models.items()],
-        "recipes": recipes,
-        "smoke": {"max_tokens": 16},
-        "benchmark": {"tasks": ["qsweep_demo_mc"], "limit": 8},
-        "fidelity": {"window": 64, "windows": 4},
-        **extra,
-    }
-    path.write_text(yaml.safe_dump(sweep))
-    return path
-
-
-WARM = "from prefect import flow; flow(lambda: None)()"
-FRESH: dict[str, Path] = {}  # a Prefect home that has never run a sweep, made once per session
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fresh_prefect_home(tmp_path_factory):
-    FRESH.setdefault("home", tmp_path_factory.mktemp("fresh-prefect"))
-
-
-def warm(prefect_home: Path) -> None:
-    """Create Prefect's database before a sweep uses it: Prefect 3's first start on a fresh
-    home can fail with 'database is locked' under load (seen here; not qsweep's doing).
-    Its migrations take about 25 s here, so they run once and each new home is a copy."""
-    if (prefect_home / "prefect.db").exists():
-        return
-    template = FRESH["home"]
-    env = {**os.environ, "PREFECT_HOME": str(template)}
-    for _ in range(3):
-        if (template / "prefect.db").exists():
-            break
-        subprocess.run([sys.executable, "-c", WARM], env=env, capture_output=True, timeout=300)
-    prefect_home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(template / "prefect.db", prefect_home / "prefect.db")
-
-
-def qsweep(store: Path, *args, prefect_home: Path, env=None, wait=True):
-    warm(prefect_home)
-    env = {**os.environ, "PREFECT_HOME": str(prefect_home), **(env or {})}
-    cmd = [sys.executable, "-m", "flows.cli", "--store", str(store), *map(str, args)]
-    if not wait:  # its own session, so that what it leaves behind can be cleaned up
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def rows(store: Path, sql: str):
-    with duckdb.connect(str(store / "metrics.duckdb"), read_only=True) as con:
-        return con.execute(sql).fetchall()
-
-
-def stages_of_last_run(store: Path):
-    return rows(store, """SELECT model, recipe, stage, status, cached FROM stages
-                          WHERE run_id = (SELECT run_id FROM runs ORDER BY started DESC LIMIT 1)""")
-
-
-def stable_metrics(store: Path):
-    return sorted(rows(store, f"""SELECT model, recipe, stage, task, metric, value FROM metrics
-                                  WHERE metric NOT IN {VOLATILE}"""))
-
-
-def artifact_dirs(store: Path):
-    return sorted(p for p in (store / "artifacts").glob("*/*") if not p.name.startswith("."))
-
-
-def artifact_digests(store: Path):
-    """(stage, key, content digest) of every artifact: equal inputs must give equal ones."""
-    return sorted((p.parent.name, p.name, json.loads((p / "manifest.json").read_text())["digest"])
-                  for p in artifact_dirs(store))
+from cli_runs import RECIPES, artifact_dirs, qsweep, rows, stages_of_last_run, write_sweep
 
 
 @pytest.fixture(scope="module")
 def finished(tiny_model, tmp_path_factory):
-    """One sweep run twice on a clean store: (store, sweep file, first run, second run)."""
+    """One sweep run twice on a clean store, its cells all at once, at most two models loaded at a
+    time: (store, sweep file, first run, its stages, its artifacts, second run)."""
     tmp = tmp_path_factory.mktemp("sweep")
-    sweep = write_sweep(tmp / "sweep.yaml", {"tiny": tiny_model})
+    sweep = write_sweep(tmp / "sweep.yaml", {"tiny": tiny_model}, concurrency={"cells": 3, "model_slots": 2})
     store, home = tmp / "store", tmp / "prefect"
     first = qsweep(store, "run", sweep, prefect_home=home)
     first_stages = stages_of_last_run(store)
@@ -124,6 +44,15 @@ def test_first_run_computes_every_cell_and_records_metrics(finished):
         found = {m for (m,) in rows(store, f"SELECT metric FROM metrics WHERE recipe = '{recipe}' AND task = 'qsweep_demo_mc'")}
         assert {"acc", "acc_norm"} <= found
     assert (store / "published" / "tiny-q4-mlx" / "README.md").exists()
+
+
+def test_cells_run_at_once_but_never_hold_more_models_than_slots(finished):
+    store = finished[0]
+    loads = [(m["started"], m["started"] + m["seconds"]) for stage in ("quantize", "smoke", "benchmark", "reference",
+                                                                       "fidelity")
+             for m in map(json.loads, map(Path.read_text, (store / "artifacts" / stage).glob("*/manifest.json")))]
+    assert len(loads) == 4 * len(RECIPES) + 1
+    assert max(sum(start <= t < end for start, end in loads) for t, _ in loads) <= 2
 
 
 def test_recipe_layers_are_queryable(finished):
@@ -190,54 +119,19 @@ def test_wiping_prefect_database_recomputes_nothing(finished, tiny_model, tmp_pa
     assert (store / "published" / "tiny-q4-mlx" / "README.md").exists()
 
 
-def test_sigkill_mid_stage_then_resume_gives_the_same_metrics(finished, tiny_model, tmp_path):
-    reference = finished[0]
-    sweep = write_sweep(tmp_path / "two.yaml", {"tiny": tiny_model}, recipes=RECIPES[:2])  # the reference's first two cells
-    store = tmp_path / "store"
-    child = qsweep(store, "run", sweep, prefect_home=tmp_path / "prefect", wait=False)
-    benchmarks = store / "artifacts" / "benchmark"
-    deadline = time.monotonic() + 300
-    try:
-        # kill while the second benchmark is being written: one finished, one half-done
-        while time.monotonic() < deadline and child.poll() is None:
-            if benchmarks.is_dir():
-                names = [p.name for p in benchmarks.iterdir()]
-                if any(n.startswith(".tmp-") for n in names) and any(not n.startswith(".") for n in names):
-                    break
-            time.sleep(0.01)
-        assert child.poll() is None, "the sweep finished before it could be killed"
-        child.send_signal(signal.SIGKILL)  # the sweep process alone, as a crash would
-        child.wait()
-    finally:
-        # Prefect's ephemeral server outlives the killed sweep; don't leave it running
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)
-    done_before = {p.parent.name for p in artifact_dirs(store)}
-    assert "publish" not in done_before or len(artifact_dirs(store)) < len(artifact_dirs(reference))
-
-    resumed = qsweep(store, "run", sweep, prefect_home=tmp_path / "prefect")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    stages = stages_of_last_run(store)
-    assert any(cached for *_, cached in stages) and not all(cached for *_, cached in stages)
-    assert stable_metrics(store) == [m for m in stable_metrics(reference) if m[1] in RECIPES[:2]]
-    # Every artifact but the cards (which show other siblings and this run's tokens/s) is the reference's, byte for byte.
-    measured = [a for a in artifact_digests(store) if a[0] != "publish"]
-    assert len(measured) == 2 * 6 - 2 and set(measured) <= set(artifact_digests(reference))  # one download, one reference
-    assert len(list((store / "artifacts" / "publish").iterdir())) == 2
-    assert not list(benchmarks.glob(".tmp-*"))
-
-
 def test_a_failing_cell_and_a_hub_refusal_lose_nothing_and_publish_retries_alone(tiny_model, tmp_path):
-    """A broken model fails its cell, the other finishes measuring; a wrong token fails its upload
-    with a clear message. With the right token, `qsweep publish` uploads from the store, measuring
-    nothing. Neither token is in anything written."""
+    """A broken model fails its cell, and one that asks to run its own code is refused; the other
+    finishes measuring. A wrong token fails its upload with a clear message. With the right token,
+    `qsweep publish` uploads from the store, measuring nothing. Neither token is in anything written."""
     from hub_server import FakeHub
 
-    broken = tmp_path / "broken"
+    broken, custom = tmp_path / "broken", tmp_path / "custom"
     shutil.copytree(tiny_model, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    shutil.copytree(tiny_model, custom)
+    (custom / "modeling_custom.py").write_text("raise SystemExit('this must never run')\n")
     good, wrong = "hf_qsweepTESTsecret0123456789", "hf_qsweepWRONGsecret987654321"
-    sweep = write_sweep(tmp_path / "sweep.yaml", {"tiny": tiny_model, "broken": broken}, recipes=["q4"],
+    sweep = write_sweep(tmp_path / "sweep.yaml", {"tiny": tiny_model, "broken": broken, "custom": custom}, recipes=["q4"],
                         publish={"repo": "alice/{model}-{recipe}-mlx"}, fidelity={"enabled": False})
     store, home = tmp_path / "store", tmp_path / "prefect"
     with FakeHub(tokens={good: "alice"}) as hub:
@@ -247,9 +141,12 @@ def test_a_failing_cell_and_a_hub_refusal_lose_nothing_and_publish_retries_alone
         stages = {(m, s): status for m, _, s, status, _ in stages_of_last_run(store)}
         assert stages[("tiny", "benchmark")] == "done" and stages[("tiny", "publish")] == "failed"
         assert stages[("broken", "quantize")] == "failed" and ("broken", "smoke") not in stages
+        assert stages[("custom", "download")] == "done" and stages[("custom", "quantize")] == "failed"
         status = qsweep(store, "status", prefect_home=home)
         assert "broken/q4 quantize failed" in status.stdout and "pending" in status.stdout
         assert "tiny/q4 publish failed" in status.stdout and "401" in status.stdout
+        assert "custom/q4 quantize failed: RemoteCodeRefused: model 'custom' asks to run code" in status.stdout
+        assert "modeling_custom.py" in status.stdout and "models[].trust_remote_code: true" in status.stdout
 
         done = qsweep(store, "publish", sweep, prefect_home=home, env={**env, "HF_TOKEN": good})
         assert done.returncode != 0 and "broken/q4 (not measured" in done.stdout + done.stderr
@@ -295,7 +192,8 @@ async def main():
         tasks = await client.read_task_runs()
     found = sorted(found, key=lambda a: a.created)
     print(json.dumps({"artifacts": [{"key": a.key, "type": a.type, "data": a.data} for a in found],
-                      "flow_runs": [{"name": r.name, "tags": sorted(r.tags)} for r in flows],
+                      "flow_runs": [{"name": r.name, "tags": sorted(r.tags), "start": r.start_time, "end": r.end_time}
+                                    for r in flows],
                       "task_runs": [{"name": r.name, "tags": sorted(r.tags)} for r in tasks]}, default=str))
 
 asyncio.run(main())
@@ -311,6 +209,8 @@ def test_the_prefect_ui_shows_progress_cells_and_cards(finished):
     artifacts = ui["artifacts"]
     # runs say what they are, and carry tags to filter by
     flows = {r["name"]: r["tags"] for r in ui["flow_runs"]}
+    cells = sorted((r["start"], r["end"]) for r in ui["flow_runs"] if r["name"].startswith("cell:"))
+    assert any(later < end for (_, end), (later, _) in zip(cells, cells[1:]))  # cells ran at the same time
     assert "sweep:test" in flows and flows["cell:tiny/q4"] == ["model:tiny", "recipe:q4"]
     assert flows["publish:tiny/qx86-hi"] == ["model:tiny", "recipe:qx86-hi"]
     task_runs = {r["name"]: r["tags"] for r in ui["task_runs"]}
@@ -321,7 +221,7 @@ def test_the_prefect_ui_shows_progress_cells_and_cards(finished):
     assert progress and all(float(a["data"]) == 100.0 for a in progress)  # every run finished
     tables = [json.loads(a["data"]) if isinstance(a["data"], str) else a["data"]
               for a in artifacts if a["type"] == "table" and a["key"] == "test-cells"]
-    assert [r["recipe"] for r in tables[0]] == ["bf16"]  # one more finished cell in each version
+    assert len(tables[0]) == 1  # one more finished cell in each version
     full = [t for t in tables if {r["recipe"] for r in t} == set(RECIPES)]
     assert full and all("qsweep_demo_mc" in row and "KL mean" in row for row in full[0])
     cards = {a["key"]: a["data"] for a in artifacts if a["type"] == "markdown"}
