@@ -110,6 +110,9 @@ def service(tmp_path_factory):
         s.run(*prefect, "--no-prompt", "deploy", "--all")
         for name in ("w1", "w2"):
             s.start(name, sys.executable, "-m", "flows.cli", "worker", "--name", name, "--limit", "2")
+        while {w["name"] for w in s.post("/work_pools/qsweep/workers/filter", {})} != {"w1", "w2"}:
+            assert time.monotonic() < deadline + 120, s.log("w1")[-2000:] + s.log("w2")[-2000:]
+            time.sleep(1)  # both polling before any run exists, so that both can take cells
         yield s
     finally:
         s.stop()
