@@ -152,13 +152,17 @@ def measure_cells(cells: list[dict], store: Store, run_id: str, at_once: int, mo
 
         run = run_deployment(cell_deployment, parameters=params, tags=[f"model:{c['model']}", f"recipe:{c['recipe']}"],
                              as_subflow=True)
+        if not run.state.is_completed():
+            return None, f"cell run {run.name} ended {run.state.name}: {run.state.message or 'see it in the UI'}"
         refs, missing = stored_refs(store, c["source"], c["settings"])  # pulled from the mirror if it ran elsewhere
-        if not run.state.is_completed() or missing is not None:
-            return None, run.state.message
+        if missing is not None:
+            return None, (f"cell run {run.name} completed, but its {missing} artifact is not in {store.root}: "
+                          "every worker needs this store, or a mirror (QSWEEP_MIRROR)")
         record_found(store, run_id, c["model"], c["recipe"], refs)
         return refs, None
 
-    with ThreadPoolExecutor(max_workers=at_once) as pool:
+    pool = ThreadPoolExecutor(max_workers=at_once)
+    try:
         running = {}
         for c in cells:
             with tags(f"model:{c['model']}", f"recipe:{c['recipe']}"):
@@ -166,6 +170,8 @@ def measure_cells(cells: list[dict], store: Store, run_id: str, at_once: int, mo
             running[pool.submit(context.run, one, c)] = c
         for done in as_completed(running):
             yield running[done], *done.result()
+    finally:  # after an error or Ctrl-C, cells not started yet never start
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 @flow(name="sweep", flow_run_name=_run_name)

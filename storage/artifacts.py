@@ -94,10 +94,18 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def scrub(error: BaseException) -> str:
+    """An error's text without credentials a URL in it may carry (user:password@)."""
+    import re
+
+    return re.sub(r"(//)[^/@\s]*@", r"\1", f"{type(error).__name__}: {error}")
+
+
 def _clean_stale(folder: Path, prefix: str) -> None:
     """Remove what a killed run left half made: `<prefix><pid>[-...]`; a live process's is not ours to touch."""
     for stale in folder.glob(f"{prefix}*"):
-        if not _alive(int(stale.name[len(prefix):].split("-")[0])):
+        pid = stale.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -175,8 +183,11 @@ class Store:
         try:
             return self.verify(stage, key)
         except CorruptArtifact as e:
-            aside = self.path(stage, key).with_name(f".corrupt-{key}-{int(time.time())}")
-            os.replace(self.path(stage, key), aside)
+            aside = self.path(stage, key).with_name(f".corrupt-{key}-{time.time_ns()}-{os.getpid()}")
+            try:
+                os.replace(self.path(stage, key), aside)
+            except FileNotFoundError:  # another cell of this sweep found it first and moved it
+                return None
             self._record("corrupt", stage, key, f"{e}; moved aside to {aside.name}")
             return None
 
@@ -215,7 +226,7 @@ class Store:
             try:
                 self.mirror.push(final, stage, key)
             except Exception as e:  # the local artifact stands; other machines build it themselves
-                logging.getLogger("qsweep").warning("%s/%s not pushed to %r: %s", stage, key, self.mirror, e)
+                logging.getLogger("qsweep").warning("%s/%s not pushed to %r: %s", stage, key, self.mirror, scrub(e))
         return ref
 
     def _pull(self, stage: str, key: str) -> ArtifactRef | None:
@@ -224,7 +235,12 @@ class Store:
         final.parent.mkdir(parents=True, exist_ok=True)
         _clean_stale(final.parent, f".pull-{key}-")
         tmp = final.with_name(f".pull-{key}-{os.getpid()}-{threading.get_ident()}")
-        if not self.mirror.pull(stage, key, tmp):
+        try:
+            pulled = self.mirror.pull(stage, key, tmp)
+        except Exception as e:  # an unreachable mirror: build here, as without one
+            logging.getLogger("qsweep").warning("%s/%s not pulled from %r: %s", stage, key, self.mirror, scrub(e))
+            return None
+        if not pulled:
             if self.mirror.has(stage, key):  # whole but wrong: gone, so that the push after our build repairs it
                 self.mirror.discard(stage, key)
                 self._record("corrupt", stage, key, f"the copy on {self.mirror.url} differs from its manifest; removed there")

@@ -35,9 +35,13 @@ def streams() -> list:
     return _local.streams
 
 
+_blas = {"users": 0, "before": None, "lock": threading.Lock()}
+
+
 @contextlib.contextmanager
 def blas_threads(n: int | None):
-    """OpenBLAS's thread count for a while, where OpenBLAS is interposed (flows/blas.py); else nothing."""
+    """OpenBLAS's thread count for a while, where OpenBLAS is interposed (flows/blas.py); else nothing.
+    The count is process-wide: with cells in threads, the first to enter sets it, the last to leave restores it."""
     try:
         lib = ctypes.CDLL(None)
         get, set_ = lib.openblas_get_num_threads, lib.openblas_set_num_threads
@@ -46,12 +50,18 @@ def blas_threads(n: int | None):
     if n is None or get is None:
         yield
         return
-    before = get()
-    set_(n)
+    with _blas["lock"]:
+        if _blas["users"] == 0:
+            _blas["before"] = get()
+            set_(n)
+        _blas["users"] += 1
     try:
         yield
     finally:
-        set_(before)
+        with _blas["lock"]:
+            _blas["users"] -= 1
+            if _blas["users"] == 0:
+                set_(_blas["before"])
 
 
 def _exp(x: mx.array) -> mx.array:

@@ -10,15 +10,14 @@ paragraphs on everyday science, history and geography, written for this
 project and free of third-party text.
 """
 
-import contextlib
 import hashlib
-import io
 from pathlib import Path
 
 import mlx.core as mx
 
 from tasks.recipes import METHODS
 from tasks.remote_code import load_options
+from tasks.stage import quiet
 
 CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
 
@@ -93,7 +92,7 @@ def learned_quantize(base_dir: Path, out: Path, method: str, bits: int, group_si
         tokenizer, text, calibration["num_samples"], calibration["sequence_length"], calibration["seed"]
     )
     # Both report progress through tqdm (stderr) and AWQ its loss per block (stdout).
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with quiet():
         if method == "gptq":
             model, config["quantization"] = gptq.gptq_quantize(model, data, bits, group_size, **GPTQ_FALLBACK)
         else:

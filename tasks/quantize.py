@@ -6,8 +6,6 @@ mlx_lm.load opens. Learned recipes (GPTQ, AWQ) go through mlx-lm's own
 implementations instead (tasks/learned.py).
 """
 
-import contextlib
-import io
 import logging
 import shutil
 from pathlib import Path
@@ -19,7 +17,7 @@ from tasks.plan import plan_for
 from tasks.recipes import Recipe
 from tasks import remote_code
 from tasks.remote_code import load_options
-from tasks.stage import artifact_cache
+from tasks.stage import artifact_cache, quiet
 
 CODE_VERSION = "2"  # 2: plans with layer selectors and fallbacks; learned recipes; layer entries carry a mode
 log = logging.getLogger(__name__)
@@ -81,7 +79,7 @@ def _convert(base_dir: Path, recipe: Recipe, plan, out: Path) -> None:
 
     # convert refuses an existing directory, and `out` already exists.
     staging = out / ".convert"
-    with contextlib.redirect_stdout(io.StringIO()):  # convert narrates on stdout
+    with quiet():  # convert narrates on stdout
         convert(
             str(base_dir),
             mlx_path=str(staging),

@@ -9,8 +9,11 @@ or a stage's effects outside the store no longer hold (publish: `done`),
 """
 
 import contextlib
+import io
 import socket
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prefect.cache_policies import CachePolicy
@@ -41,6 +44,17 @@ def artifact_cache(stage: str, code_version: str, done=None, loads_model: bool =
     return ArtifactCache(stage=stage, code_version=code_version, done=done, loads_model=loads_model)
 
 
+_quiet = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet():
+    """The stdout and stderr of the libraries a stage calls (mlx_lm.convert's narration, tqdm), swallowed.
+    The swap is process-wide, so cells in threads take turns: interleaved, one could leave it swapped."""
+    with _quiet, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
 def model_slots() -> str:
     """The Prefect global concurrency limit that counts models in memory on this machine."""
     return f"qsweep-models-{socket.gethostname()}"
@@ -49,9 +63,9 @@ def model_slots() -> str:
 def ensure_model_slots(count: int, reclaim: bool = False) -> None:
     """Create or resize this machine's model-slot limit (`prefect gcl ls` shows it).
 
-    `reclaim` zeroes the slots in use. A sweep without a Prefect server asks for it: its
-    temporary server keeps slot leases in memory, so slots a killed sweep held would stay
-    taken for good (a real server's lease expiry frees them)."""
+    `reclaim` frees the slots in use when no other sweep on this Prefect home runs. A sweep
+    without a Prefect server asks for it: its temporary server keeps slot leases in memory, so
+    slots a killed sweep held would stay taken for good (a real server's lease expiry frees them)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
     from prefect.exceptions import ObjectAlreadyExists
@@ -61,8 +75,28 @@ def ensure_model_slots(count: int, reclaim: bool = False) -> None:
             client.upsert_global_concurrency_limit_by_name(model_slots(), count)
         except ObjectAlreadyExists:  # another cell created it a moment ago
             client.upsert_global_concurrency_limit_by_name(model_slots(), count)
-        if reclaim:
+        if reclaim and _alone_on_this_home():
             client.update_global_concurrency_limit(model_slots(), GlobalConcurrencyLimitUpdate(active_slots=0))
+
+
+_running: list = []  # this process's hold on <prefect home>/qsweep-sweeps.lock, while it runs a sweep
+
+
+def _alone_on_this_home() -> bool:
+    """Whether no other sweep runs on this Prefect home; from now on this process counts as one that does."""
+    import fcntl
+
+    from prefect.settings import get_current_settings
+
+    lock = open(Path(get_current_settings().home) / "qsweep-sweeps.lock", "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        alone = True
+    except BlockingIOError:
+        alone = False
+    fcntl.flock(lock, fcntl.LOCK_SH)  # shared while this sweep runs: the next one will not reclaim
+    _running[:] = [lock]
+    return alone
 
 
 def run_stage(task_fn, **parameters):

@@ -145,5 +145,9 @@ def test_two_sweeps_started_at_once_on_one_store_compute_each_stage_once(uninter
                 os.killpg(p.pid, signal.SIGKILL)
     computed = rows(store, "SELECT stage, key, count(*) FROM stages WHERE NOT cached GROUP BY ALL")
     assert all(n == 1 for *_, n in computed) and len(computed) == len(artifact_dirs(store))
-    assert len(rows(store, "SELECT DISTINCT run_id FROM stages")) == 2  # both ran every cell
+    # both ran every stage of every cell, at the same time
+    per_run = rows(store, "SELECT run_id, count(DISTINCT (recipe, stage)) FROM stages WHERE status = 'done' GROUP BY ALL")
+    assert [n for _, n in per_run] == [len(RECIPES) * 5] * 2
+    (a_start, a_end), (b_start, b_end) = rows(store, "SELECT started, finished FROM runs ORDER BY started")
+    assert b_start < a_end
     assert measured(store) == measured(uninterrupted)

@@ -141,6 +141,7 @@ def test_the_ui_and_the_deployments_are_served(service):
     nightly = service.get("/deployments/name/sweep/demo-nightly")
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
     assert nightly["parameters"]["cell_deployment"] == "cell/qsweep-cell"
+    assert nightly["parameters"]["store"] == str(REPO / ".qsweep")  # {{ $PWD }} as `prefect deploy` saw it
     assert service.get("/deployments/name/cell/qsweep-cell")["work_pool_name"] == "qsweep"
 
 

@@ -128,8 +128,10 @@ def test_a_failing_cell_and_a_hub_refusal_lose_nothing_and_publish_retries_alone
     broken, custom = tmp_path / "broken", tmp_path / "custom"
     shutil.copytree(tiny_model, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    shutil.copytree(tiny_model, custom)
-    (custom / "modeling_custom.py").write_text("raise SystemExit('this must never run')\n")
+    shutil.copytree(tiny_model, custom)  # its config names code of its own, which would leave a mark if run
+    config = json.loads((custom / "config.json").read_text())
+    (custom / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "modeling_custom.M"}}))
+    (custom / "modeling_custom.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('ran')\n")
     good, wrong = "hf_qsweepTESTsecret0123456789", "hf_qsweepWRONGsecret987654321"
     sweep = write_sweep(tmp_path / "sweep.yaml", {"tiny": tiny_model, "broken": broken, "custom": custom}, recipes=["q4"],
                         publish={"repo": "alice/{model}-{recipe}-mlx"}, fidelity={"enabled": False})
@@ -147,6 +149,7 @@ def test_a_failing_cell_and_a_hub_refusal_lose_nothing_and_publish_retries_alone
         assert "tiny/q4 publish failed" in status.stdout and "401" in status.stdout
         assert "custom/q4 quantize failed: RemoteCodeRefused: model 'custom' asks to run code" in status.stdout
         assert "modeling_custom.py" in status.stdout and "models[].trust_remote_code: true" in status.stdout
+        assert not (tmp_path / "ran").exists()
 
         done = qsweep(store, "publish", sweep, prefect_home=home, env={**env, "HF_TOKEN": good})
         assert done.returncode != 0 and "broken/q4 (not measured" in done.stdout + done.stderr
