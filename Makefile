@@ -21,7 +21,7 @@ demo: $(STAMP)
 	@echo "model cards: .qsweep/published/*/README.md   report: .qsweep/report/report.html"
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf .qsweep
