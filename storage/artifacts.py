@@ -128,7 +128,7 @@ def _no_room(error: BaseException, where: Path) -> str | None:
     import resource
 
     code, limit = getattr(error, "errno", None), resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if code == errno.EFBIG or (code is None and limit != resource.RLIM_INFINITY):
+    if code == errno.EFBIG or (code is None and limit != resource.RLIM_INFINITY and "write" in str(error).lower()):
         return f"this process may write files of at most {limit} bytes (ulimit -f)"
     usage = shutil.disk_usage(where)
     if code in (errno.ENOSPC, errno.EDQUOT) or usage.free < min(64 << 20, usage.total // 100):
