@@ -237,12 +237,14 @@ class Store:
         tmp = final.with_name(f".pull-{key}-{os.getpid()}-{threading.get_ident()}")
         try:
             pulled = self.mirror.pull(stage, key, tmp)
+            wrong = not pulled and self.mirror.has(stage, key)  # whole but wrong
+            if wrong:  # gone, so that the push after our build repairs it
+                self.mirror.discard(stage, key)
         except Exception as e:  # an unreachable mirror: build here, as without one
             logging.getLogger("qsweep").warning("%s/%s not pulled from %r: %s", stage, key, self.mirror, scrub(e))
             return None
         if not pulled:
-            if self.mirror.has(stage, key):  # whole but wrong: gone, so that the push after our build repairs it
-                self.mirror.discard(stage, key)
+            if wrong:
                 self._record("corrupt", stage, key, f"the copy on {self.mirror.url} differs from its manifest; removed there")
             return None
         try:
