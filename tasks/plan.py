@@ -129,17 +129,35 @@ def model_config(model: str | Path) -> dict:
 
 def model_modules(model: str | Path):
     """(modules, n_layers, the model's own quant predicate) from the config alone: no weights are read."""
-    from mlx_lm.utils import _get_classes
-
     config = model_config(model)
     if config.get("quantization"):
         raise ValueError(f"{model} is already quantized; a plan starts from a float model")
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = _classes(config, Path(model))
     model = model_class(args_class.from_dict(config))  # parameters stay lazy: never evaluated here
     modules = [(path, m.weight.shape[0], m.weight.shape[-1], m) for path, m in model.named_modules()
                if hasattr(m, "to_quantized") and hasattr(m, "weight")]
     modules.sort(key=lambda x: (x[0] != "model.embed_tokens", layer_index(x[0]) or 0, x[0]))
     return modules, len(model.layers), getattr(model, "quant_predicate", None)
+
+
+def _classes(config: dict, model: Path):
+    """mlx-lm's classes for the config's model_type, or the model's own (config `model_file`), as
+    mlx_lm.load picks them; its own only where the sweep file allowed the model's code."""
+    from mlx_lm.utils import _get_classes
+
+    if not config.get("model_file"):
+        return _get_classes(config)
+    from tasks.remote_code import RemoteCodeRefused, load_options
+
+    if not load_options()["trust_remote_code"]:
+        raise RemoteCodeRefused(f"{model}: config.json model_file {config['model_file']!r} is the model's own code; "
+                                "allow it with models[].trust_remote_code: true")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("custom_model", model / config["model_file"])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Model, module.ModelArgs
 
 
 def plan_for(recipe: Recipe, model: str | Path) -> Plan:

@@ -76,3 +76,34 @@ def test_allowed_the_load_runs_the_models_code_and_not_before(asks_for_code, tmp
     assert "refused: The repository" in done.stdout, done.stdout + done.stderr[-3000:]
     assert "ran before allowed: False" in done.stdout
     assert "loaded: CustomTokenizer" in done.stdout and ran.read_text() == "the model's code ran"
+
+
+ARCH = '''
+import os
+from pathlib import Path
+from mlx_lm.models.llama import Model, ModelArgs  # the model's "own" architecture, here llama's
+Path(os.environ["RAN"]).write_text("the model's code ran")
+'''
+
+
+def test_a_model_with_its_own_architecture_quantizes_and_loads_only_when_allowed(tiny_model, tmp_path, monkeypatch):
+    from tasks import quantize
+    from tasks.benchmark import load_as
+    from tasks.recipes import BUILTINS
+
+    model, ran = tmp_path / "own", tmp_path / "ran"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "own", "model_file": "arch.py"}))
+    (model / "arch.py").write_text(ARCH)
+    monkeypatch.setenv("RAN", str(ran))
+    (tmp_path / "refused").mkdir()
+    with pytest.raises(remote_code.RemoteCodeRefused, match="model_file 'arch.py'"):
+        quantize.quantize(model, BUILTINS["q4"], tmp_path / "refused")
+    assert not ran.exists()
+    (tmp_path / "q4").mkdir()
+    with remote_code.allowed(True):
+        info = quantize.quantize(model, BUILTINS["q4"], tmp_path / "q4")
+        assert ran.read_text() == "the model's code ran" and (tmp_path / "q4" / "arch.py").exists()
+        quantized, tokenizer = load_as(tmp_path / "q4", "native")
+    assert info["defaults"]["bits"] == 4 and len(tokenizer.encode("hello")) > 0
