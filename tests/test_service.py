@@ -49,10 +49,20 @@ class Service:
         return done
 
     def get(self, path: str):
-        return httpx.get(self.api + path, timeout=30).raise_for_status().json()
+        return self.call("GET", path)
 
     def post(self, path: str, body: dict):
-        return httpx.post(self.api + path, json=body, timeout=30).raise_for_status().json()
+        return self.call("POST", path, json=body)
+
+    def call(self, method: str, path: str, **kwargs):
+        """A request to the API, retried on 503 as Prefect's own client does: the server answers so
+        while its SQLite database is busy (seen here under load)."""
+        for attempt in range(10):
+            response = httpx.request(method, self.api + path, timeout=30, **kwargs)
+            if response.status_code != 503:
+                break
+            time.sleep(1 + attempt)
+        return response.raise_for_status().json()
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text()
