@@ -73,17 +73,16 @@ def record_found(artifacts: Store, run_id: str, model: str, recipe: str, refs: d
 
 def chain(source: dict, settings: dict) -> list[tuple]:
     """The measuring stages in order: (stage, its task, its parameters, the stages it takes as inputs, extras)."""
-    trust = {"trust_remote_code": settings.get("trust_remote_code", False)}  # not in any key: it changes no result
     steps = [
         ("download", download.download_task, key_params(source), [], {"resolved": source}),
-        ("quantize", quantize.quantize_task, settings["recipe"], ["download"], trust),
-        ("smoke", smoke.smoke_task, settings["smoke"], ["quantize"], trust),
-        ("benchmark", benchmark.benchmark_task, settings["benchmark"], ["quantize"], trust),
+        ("quantize", quantize.quantize_task, settings["recipe"], ["download"], {}),
+        ("smoke", smoke.smoke_task, settings["smoke"], ["quantize"], {}),
+        ("benchmark", benchmark.benchmark_task, settings["benchmark"], ["quantize"], {}),
     ]
     if settings.get("fidelity"):
         # the base's pass has the same key in every cell of a model: computed once, then found in the store
-        steps += [("reference", fidelity.reference_task, settings["fidelity"], ["download"], trust),
-                  ("fidelity", fidelity.fidelity_task, settings["fidelity"], ["quantize", "reference"], trust)]
+        steps += [("reference", fidelity.reference_task, settings["fidelity"], ["download"], {}),
+                  ("fidelity", fidelity.fidelity_task, settings["fidelity"], ["quantize", "reference"], {})]
     return steps
 
 
@@ -92,17 +91,25 @@ def cell(store: str, run_id: str, model: str, recipe: str, source: dict, setting
     """`settings` holds each stage's parameters, as the sweep flow prepared them; `model_slots`
     is how many models this machine may hold at once. Returns the cell's artifacts by stage."""
     ensure_model_slots(model_slots)  # here, not in the sweep: a worker on another machine counts its own
+    trust = settings.get("trust_remote_code", False)  # in no key: it changes no result, only what may run
     refs = {}
-    for name, task_fn, params, needs, extra in chain(source, settings):
-        refs[name] = run_recorded(store, run_id, model, recipe, name, task_fn, params, [refs[n] for n in needs], **extra)
-        if name == "download":  # refused before anything loads the model; recorded on the stage it stops
-            try:
-                remote_code.check(model, Store(store).path(refs[name]), settings.get("trust_remote_code", False))
-            except remote_code.RemoteCodeRefused as e:
-                MetricStore(Store(store).metrics_db).record_stage(run_id, model, recipe, "quantize", None, "failed",
-                                                                  False, 0.0, f"RemoteCodeRefused: {e}")
-                raise StageFailed(f"{model}/{recipe}: {e}") from None
+    with remote_code.allowed(trust):  # every model load of this cell's stages
+        for name, task_fn, params, needs, extra in chain(source, settings):
+            refs[name] = run_recorded(store, run_id, model, recipe, name, task_fn, params, [refs[n] for n in needs],
+                                      **extra)
+            if name == "download":  # refused before anything loads the model; recorded on the stage it stops
+                refuse_remote_code(store, run_id, model, recipe, refs[name], trust)
     return {"model": model, "recipe": recipe, "refs": refs}
+
+
+def refuse_remote_code(store: str, run_id: str, model: str, recipe: str, downloaded: ArtifactRef, trust: bool):
+    artifacts = Store(store)
+    try:
+        remote_code.check(model, artifacts.path(downloaded), trust)
+    except remote_code.RemoteCodeRefused as e:
+        MetricStore(artifacts.metrics_db).record_stage(run_id, model, recipe, "quantize", None, "failed", False, 0.0,
+                                                       f"RemoteCodeRefused: {e}")
+        raise StageFailed(f"{model}/{recipe}: {e}") from None
 
 
 def stored_refs(store: Store, source: dict, settings: dict) -> tuple[dict, str | None]:

@@ -20,7 +20,6 @@ from prefect import task
 
 from storage.artifacts import ArtifactRef, Store, artifact_key
 from tasks import cpu
-from tasks import remote_code
 from tasks.remote_code import load_options
 from tasks.stage import artifact_cache
 
@@ -600,14 +599,13 @@ def _json_default(obj):
 
 
 @task(name="benchmark", cache_policy=artifact_cache("benchmark", CODE_VERSION, loads_model=True), persist_result=True)
-def benchmark_task(store: str, params: dict, inputs: list[ArtifactRef], trust_remote_code: bool = False) -> ArtifactRef:
+def benchmark_task(store: str, params: dict, inputs: list[ArtifactRef]) -> ArtifactRef:
     s = Store(store)
     model_dir = s.path(inputs[0])
     # Outside the artifact's temporary folder, which a crashed run leaves to be cleaned away.
     checkpoint = s.root / "partial" / "benchmark" / f"{artifact_key('benchmark', CODE_VERSION, params, inputs)}.jsonl"
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    with remote_code.allowed(trust_remote_code):
-        ref = s.produce("benchmark", CODE_VERSION, params, inputs,
-                        lambda out: {"metrics": benchmark(model_dir, params, out, checkpoint)})
+    ref = s.produce("benchmark", CODE_VERSION, params, inputs,
+                    lambda out: {"metrics": benchmark(model_dir, params, out, checkpoint)})
     checkpoint.unlink(missing_ok=True)
     return ref

@@ -36,7 +36,6 @@ from prefect import task
 
 from storage.artifacts import ArtifactRef, Store
 from tasks import cpu
-from tasks import remote_code
 from tasks.benchmark import load_as, trunk_and_head
 from tasks.stage import artifact_cache
 
@@ -190,16 +189,14 @@ def fidelity(model_dir: Path, reference_dir: Path, params: dict, out: Path) -> d
 
 
 @task(name="reference", cache_policy=artifact_cache("reference", CODE_VERSION, loads_model=True), persist_result=True)
-def reference_task(store: str, params: dict, inputs: list[ArtifactRef], trust_remote_code: bool = False) -> ArtifactRef:
+def reference_task(store: str, params: dict, inputs: list[ArtifactRef]) -> ArtifactRef:
     s = Store(store)
     base_dir = s.path(inputs[0])
-    with remote_code.allowed(trust_remote_code):
-        return s.produce("reference", CODE_VERSION, params, inputs, lambda out: reference(base_dir, params, out))
+    return s.produce("reference", CODE_VERSION, params, inputs, lambda out: reference(base_dir, params, out))
 
 
 @task(name="fidelity", cache_policy=artifact_cache("fidelity", CODE_VERSION, loads_model=True), persist_result=True)
-def fidelity_task(store: str, params: dict, inputs: list[ArtifactRef], trust_remote_code: bool = False) -> ArtifactRef:
+def fidelity_task(store: str, params: dict, inputs: list[ArtifactRef]) -> ArtifactRef:
     s = Store(store)
     model_dir, reference_dir = s.path(inputs[0]), s.path(inputs[1])
-    with remote_code.allowed(trust_remote_code):
-        return s.produce("fidelity", CODE_VERSION, params, inputs, lambda out: fidelity(model_dir, reference_dir, params, out))
+    return s.produce("fidelity", CODE_VERSION, params, inputs, lambda out: fidelity(model_dir, reference_dir, params, out))

@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from tasks.recipes import METHODS
-from tasks.remote_code import load_options
+from tasks.remote_code import load_options, trusted
 from tasks.stage import quiet
 
 CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
@@ -104,7 +104,7 @@ def learned_quantize(base_dir: Path, out: Path, method: str, bits: int, group_si
     save(out, base_dir, model, tokenizer, config)
 
     # Read the layers back from what we wrote, so `layers` is what mlx_lm.load will build.
-    saved, _ = load_model(Path(out), lazy=True, trust_remote_code=load_options()["trust_remote_code"])
+    saved, _ = load_model(Path(out), lazy=True, trust_remote_code=trusted())
     layers = {
         path: {"bits": m.bits, "group_size": m.group_size, "mode": getattr(m, "mode", "affine")}
         for path, m in tree_flatten(saved.leaf_modules(), is_leaf=nn.Module.is_module)

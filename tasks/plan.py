@@ -147,9 +147,9 @@ def _classes(config: dict, model: Path):
 
     if not config.get("model_file"):
         return _get_classes(config)
-    from tasks.remote_code import RemoteCodeRefused, load_options
+    from tasks.remote_code import RemoteCodeRefused, trusted
 
-    if not load_options()["trust_remote_code"]:
+    if not trusted():
         raise RemoteCodeRefused(f"{model}: config.json model_file {config['model_file']!r} is the model's own code; "
                                 "allow it with models[].trust_remote_code: true")
     import importlib.util

@@ -15,8 +15,7 @@ from prefect import task
 from storage.artifacts import ArtifactRef, Store
 from tasks.plan import plan_for
 from tasks.recipes import Recipe
-from tasks import remote_code
-from tasks.remote_code import load_options
+from tasks.remote_code import trusted
 from tasks.stage import artifact_cache, quiet
 
 CODE_VERSION = "2"  # 2: plans with layer selectors and fallbacks; learned recipes; layer entries carry a mode
@@ -43,7 +42,7 @@ def quantize(base_dir: Path, recipe: Recipe, out: Path) -> dict:
         learned = None
         _convert(base_dir, recipe, plan, out)
 
-    model, config = load_model(out, lazy=True, trust_remote_code=load_options()["trust_remote_code"])
+    model, config = load_model(out, lazy=True, trust_remote_code=trusted())
     weight_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     quantization = config.get("quantization", {})
     # mlx-lm's GPTQ writes layer entries without a mode: affine is what mlx_lm.load assumes then
@@ -88,7 +87,7 @@ def _convert(base_dir: Path, recipe: Recipe, plan, out: Path) -> None:
             q_group_size=recipe.group_size if recipe.quantizes_any else None,
             q_mode=recipe.mode,
             dtype=recipe.dtype,
-            trust_remote_code=load_options()["trust_remote_code"],
+            trust_remote_code=trusted(),
             quant_predicate=predicate if recipe.quantizes_any else None,
         )
     for f in staging.iterdir():
@@ -109,8 +108,7 @@ def _realised(rows: list[dict], quantization: dict) -> list[dict]:
 
 
 @task(name="quantize", cache_policy=artifact_cache("quantize", CODE_VERSION, loads_model=True), persist_result=True)
-def quantize_task(store: str, params: dict, inputs: list[ArtifactRef], trust_remote_code: bool = False) -> ArtifactRef:
+def quantize_task(store: str, params: dict, inputs: list[ArtifactRef]) -> ArtifactRef:
     s = Store(store)
     base_dir = s.path(inputs[0])
-    with remote_code.allowed(trust_remote_code):
-        return s.produce("quantize", CODE_VERSION, params, inputs, lambda out: quantize(base_dir, Recipe.from_params(params), out))
+    return s.produce("quantize", CODE_VERSION, params, inputs, lambda out: quantize(base_dir, Recipe.from_params(params), out))

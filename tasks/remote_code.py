@@ -57,7 +57,11 @@ def allowed(flag: bool):
         _allowed.reset(token)
 
 
+def trusted() -> bool:
+    """Whether model loads here may run the model's own code."""
+    return _allowed.get()
+
+
 def load_options() -> dict:
     """mlx_lm.load's keyword arguments for the current allowance."""
-    trust = _allowed.get()
-    return {"trust_remote_code": trust, "tokenizer_config": {"trust_remote_code": trust}}
+    return {"trust_remote_code": trusted(), "tokenizer_config": {"trust_remote_code": trusted()}}

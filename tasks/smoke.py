@@ -12,7 +12,6 @@ from prefect import task
 
 from storage.artifacts import ArtifactRef, Store
 from tasks.benchmark import load_as
-from tasks import remote_code
 from tasks.stage import artifact_cache
 
 CODE_VERSION = "1"
@@ -72,8 +71,7 @@ def smoke(model_dir: Path, params: dict, out: Path) -> dict:
 
 
 @task(name="smoke", cache_policy=artifact_cache("smoke", CODE_VERSION, loads_model=True), persist_result=True)
-def smoke_task(store: str, params: dict, inputs: list[ArtifactRef], trust_remote_code: bool = False) -> ArtifactRef:
+def smoke_task(store: str, params: dict, inputs: list[ArtifactRef]) -> ArtifactRef:
     s = Store(store)
     model_dir = s.path(inputs[0])
-    with remote_code.allowed(trust_remote_code):
-        return s.produce("smoke", CODE_VERSION, params, inputs, lambda out: smoke(model_dir, params, out))
+    return s.produce("smoke", CODE_VERSION, params, inputs, lambda out: smoke(model_dir, params, out))
