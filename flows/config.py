@@ -14,6 +14,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from tasks.recipes import Recipe, RecipeSpec, get_recipe, recipe_from_spec, with_calibration_digest
 
 
+SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a sweep's or model's name: it names folders and repos
+
+
 class SweepError(ValueError):
     pass
 
@@ -32,7 +35,7 @@ class ModelSpec(Strict):
     def _safe_name(cls, name: str) -> str:
         import re
 
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):  # it names folders and repos: nothing may escape
+        if not re.fullmatch(SAFE_NAME, name):  # nothing may escape the store
             raise ValueError(f"{name!r}: letters, digits, '.', '_' and '-' only, starting with a letter or digit")
         return name
 
@@ -106,7 +109,7 @@ class ConcurrencySpec(Strict):
 
 
 class Sweep(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(pattern=f"^{SAFE_NAME}$")
     models: list[ModelSpec] = Field(min_length=1)
     recipes: list[Annotated[Union[str, RecipeSpec], AfterValidator(lambda r: _check_recipe(r))]] = Field(min_length=1)
     smoke: SmokeSpec = SmokeSpec()
