@@ -3,7 +3,10 @@
 We call mlx_lm.quant.gptq.gptq_quantize and mlx_lm.quant.awq.awq_quantize the
 way their scripts' main() do, with two differences: the calibration text is a
 local file (mlx_lm.quant.utils.load_data downloads one, and we are offline),
-and the model comes from a local HF-layout directory.
+and the model comes from a local HF-layout directory. The scripts keep the
+weights in the dtype they are stored in; we first cast them as mlx_lm.convert
+does (the recipe's dtype, else the config's: tasks.plan.convert_dtype), so a
+recipe's dtype means the same for learned and rounded recipes.
 
 tasks/data/calibration.txt is the default calibration text: short encyclopedic
 paragraphs on everyday science, history and geography, written for this
@@ -66,17 +69,21 @@ def _check(method: str, bits: int, group_size: int, calibration: dict) -> Path:
     return text
 
 
-def learned_quantize(base_dir: Path, out: Path, method: str, bits: int, group_size: int, calibration: dict) -> dict:
+def learned_quantize(base_dir: Path, out: Path, method: str, bits: int, group_size: int, calibration: dict,
+                     dtype: str | None = None) -> dict:
     """Quantize the HF-layout model in base_dir with GPTQ or AWQ and save it in mlx-lm's layout into `out`.
 
     calibration = {"text": path, "num_samples": int (-1: all windows), "sequence_length": int, "seed": int}.
+    dtype: the float type to cast to first, as mlx_lm.convert's dtype (None: the config's, as convert picks it).
     Returns {"method", "bits", "group_size", "calibration" (with the text's sha256),
     "layers": {module path: {"bits", "group_size", "mode"}}} for every quantized module.
     """
     import mlx.nn as nn
-    from mlx.utils import tree_flatten
+    from mlx.utils import tree_flatten, tree_map_with_path
     from mlx_lm.quant import awq, gptq
     from mlx_lm.utils import load, load_model, save
+
+    from tasks.plan import convert_dtype
 
     text = _check(method, bits, group_size, calibration)
     model, tokenizer, config = load(str(base_dir), lazy=True, return_config=True, **load_options())
@@ -87,6 +94,11 @@ def learned_quantize(base_dir: Path, out: Path, method: str, bits: int, group_si
             f"method 'awq' has no config for model_type {config['model_type']!r}; "
             f"supported: {', '.join(awq.AWQ_MODEL_CONFIGS)}"
         )
+    dtype = dtype or convert_dtype(config)
+    if dtype:  # as mlx_lm.convert casts before it quantizes
+        cast, keep = getattr(mx, dtype), getattr(model, "cast_predicate", lambda _: True)
+        model.update(tree_map_with_path(
+            lambda k, v: v.astype(cast) if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v, model.parameters()))
 
     data = calibration_data(
         tokenizer, text, calibration["num_samples"], calibration["sequence_length"], calibration["seed"]

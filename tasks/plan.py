@@ -9,12 +9,19 @@ It mirrors mlx-lm's own rules for what cannot be quantized: mlx_lm.utils.quantiz
 leaves a module in float when its input width is not a multiple of the recipe's
 (default) group size, and mx.quantize refuses a rule's group size that does not
 divide the width. Both fall back to float here, and the plan says so.
+
+Float modules are stored in the recipe's dtype, else in the one mlx_lm.convert picks from the
+config (convert_dtype); where the config names none, the weights stay as stored and the plan's
+sizes count them at 16 bits, an estimate. A model that ties its output projection to the
+embedding has no lm_head module: the plan says so (notes) rather than warning about a rule
+for lm_head that has nothing to match.
 """
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.recipes import Recipe, layer_index
+from tasks.recipes import DTYPES, Recipe, layer_index
 
 
 @dataclass(frozen=True)
@@ -23,7 +30,7 @@ class LayerPlan:
     layer: int | None
     out_features: int
     in_features: int
-    quant: dict | None  # {"bits", "group_size", "mode"}, or None: float in the recipe's dtype
+    quant: dict | None  # {"bits", "group_size", "mode"}, or None: float, in the plan's dtype
     source: str  # "default", "rule N", "model" (the model's own predicate), "fallback"
     note: str = ""
 
@@ -37,17 +44,25 @@ class Plan:
     recipe: Recipe
     n_layers: int
     layers: tuple[LayerPlan, ...]
+    dtype: str | None = None  # what float modules are stored in; None: as stored, not known from the config
+    tied: str | None = None  # the embedding the output projection reuses, when the model has no lm_head of its own
 
     def bits_per_weight(self) -> float:
         """Storage bits per weight over the quantizable modules, scales and biases included."""
-        total_bits = sum(_bits(p, self.recipe.dtype) for p in self.layers)
+        total_bits = sum(_bits(p, self.dtype) for p in self.layers)
         return total_bits / max(1, sum(p.size for p in self.layers))
 
     def bytes(self) -> int:
-        return int(sum(_bits(p, self.recipe.dtype) for p in self.layers) // 8)
+        return int(sum(_bits(p, self.dtype) for p in self.layers) // 8)
 
     def fallbacks(self) -> list[LayerPlan]:
         return [p for p in self.layers if p.source == "fallback"]
+
+    def tied_rules(self) -> list[int]:
+        """Rules written for lm_head where the model ties lm_head to its embedding: nothing to apply to."""
+        if self.tied is None:
+            return []
+        return [i for i, r in enumerate(self.recipe.rules) if r.layers is None and re.search(r.match, "lm_head")]
 
     def unmatched_rules(self) -> list[int]:
         """Rules that select no module of this model: usually a typo in the regex."""
@@ -56,7 +71,10 @@ class Plan:
 
     def warnings(self) -> list[str]:
         out = []
+        tied = set(self.tied_rules())
         for i in self.unmatched_rules():
+            if i in tied:  # said in notes(): the model has no lm_head, not a typo
+                continue
             rule = self.recipe.rules[i]
             out.append(f"recipe {self.recipe.name!r}: rules[{i}] (match {rule.match!r}"
                        f"{f', layers {rule.layers!r}' if rule.layers else ''}) matches no module of this model")
@@ -64,27 +82,56 @@ class Plan:
             out.append(f"recipe {self.recipe.name!r}: {p.path} {p.note}")
         return out
 
+    def notes(self) -> list[str]:
+        """Facts about the plan a reader needs that are not warnings."""
+        rules = self.tied_rules()
+        if not rules:
+            return []
+        embedding = next(p for p in self.layers if p.path == self.tied)
+        if embedding.quant is None:
+            setting = f"float weights ({self.dtype or 'as stored'})"
+        else:
+            q = embedding.quant
+            setting = f"{q['bits']}-bit {q['mode']}, group size {q['group_size']}"
+        which = ", ".join(f"rules[{i}] (match {self.recipe.rules[i].match!r})" for i in rules)
+        return [f"lm_head is tied to {self.tied}: the output projection uses the embedding's {setting}; "
+                f"{which} of recipe {self.recipe.name!r} has no separate lm_head to apply to"]
+
     def rows(self) -> list[dict]:
         """One row per module, for the manifest and DuckDB."""
         return [{"path": p.path, "layer": p.layer, "out_features": p.out_features, "in_features": p.in_features,
                  "bits": p.quant["bits"] if p.quant else None,
                  "group_size": p.quant["group_size"] if p.quant else None,
-                 "mode": p.quant["mode"] if p.quant else self.recipe.dtype,
+                 "mode": p.quant["mode"] if p.quant else (self.dtype or "float"),
                  "source": p.source, "note": p.note} for p in self.layers]
 
 
-def _bits(p: LayerPlan, dtype: str) -> int:
+def _bits(p: LayerPlan, dtype: str | None) -> int:
+    float_bits = 32 if dtype == "float32" else 16  # unknown: 16, an estimate
     if p.quant is None:
-        return p.size * (32 if dtype == "float32" else 16)
+        return p.size * float_bits
     # affine stores a scale and a bias per group in the model's float type; MX formats one 8-bit scale
-    overhead = 32 if p.quant["mode"] == "affine" else 8
+    overhead = 2 * float_bits if p.quant["mode"] == "affine" else 8
     return p.size * p.quant["bits"] + p.size // p.quant["group_size"] * overhead
 
 
+def convert_dtype(config: dict) -> str | None:
+    """The dtype mlx_lm.convert casts to when given none (mlx_lm/convert.py): config.json's torch_dtype,
+    else text_config's dtype, if that is a float type it converts to. None: the weights stay as stored
+    (transformers-5 configs say `dtype`, which convert does not read)."""
+    dtype = config.get("torch_dtype")
+    if dtype is None and (text_config := config.get("text_config")):
+        dtype = text_config.get("dtype")
+    return dtype if dtype in DTYPES else None
+
+
 def make_plan(recipe: Recipe, modules: list[tuple[str, int, int, object]], n_layers: int,
-              model_predicate=None) -> Plan:
-    """modules: (path, out features, in features, module or None) of every quantizable module."""
+              model_predicate=None, source_dtype: str | None = None, tied: str | None = None) -> Plan:
+    """modules: (path, out features, in features, module or None) of every quantizable module.
+    source_dtype: convert_dtype of the model's config; tied: the embedding's path where the model ties lm_head to it."""
     out = []
+    dtype = recipe.dtype or source_dtype
+    stays = f"stays {dtype}" if dtype else "stays in float"
     default_group = recipe.group_size if recipe.quantizes_any else None
     for path, out_features, in_features, module in modules:
         rule = recipe.rule_for(path, n_layers)
@@ -95,15 +142,15 @@ def make_plan(recipe: Recipe, modules: list[tuple[str, int, int, object]], n_lay
                 quant, source = (dict(own) if own else None), "model"
         note = ""
         if quant is not None and default_group and in_features % default_group:
-            note = (f"stays {recipe.dtype}: its input width {in_features} is not a multiple of the recipe's "
+            note = (f"{stays}: its input width {in_features} is not a multiple of the recipe's "
                     f"group size {default_group} (mlx-lm leaves such modules unquantized)")
         elif quant is not None and in_features % quant["group_size"]:
-            note = (f"stays {recipe.dtype}: its input width {in_features} is not a multiple of group size "
+            note = (f"{stays}: its input width {in_features} is not a multiple of group size "
                     f"{quant['group_size']} ({source})")
         if note:
             quant, source = None, "fallback"
         out.append(LayerPlan(path, layer_index(path), out_features, in_features, quant, source, note))
-    return Plan(recipe, n_layers, tuple(out))
+    return Plan(recipe, n_layers, tuple(out), dtype, tied)
 
 
 def model_config(model: str | Path) -> dict:
@@ -128,7 +175,8 @@ def model_config(model: str | Path) -> dict:
 
 
 def model_modules(model: str | Path):
-    """(modules, n_layers, the model's own quant predicate) from the config alone: no weights are read."""
+    """(modules, n_layers, the model's own quant predicate, {"dtype": convert_dtype, "tied": embedding path or None})
+    from the config alone: no weights are read."""
     config = model_config(model)
     if config.get("quantization"):
         raise ValueError(f"{model} is already quantized; a plan starts from a float model")
@@ -137,7 +185,19 @@ def model_modules(model: str | Path):
     modules = [(path, m.weight.shape[0], m.weight.shape[-1], m) for path, m in model.named_modules()
                if hasattr(m, "to_quantized") and hasattr(m, "weight")]
     modules.sort(key=lambda x: (x[0] != "model.embed_tokens", layer_index(x[0]) or 0, x[0]))
-    return modules, len(model.layers), getattr(model, "quant_predicate", None)
+    facts = {"dtype": convert_dtype(config), "tied": _tied_embedding(config, model, [m[0] for m in modules])}
+    return modules, len(model.layers), getattr(model, "quant_predicate", None), facts
+
+
+def _tied_embedding(config: dict, model, paths: list[str]) -> str | None:
+    """The embedding's path when the model ties its output projection to it: mlx-lm then builds no
+    lm_head and computes the logits with the embedding (embed_tokens.as_linear)."""
+    if any(p.split(".")[-1] == "lm_head" for p in paths):
+        return None
+    tie = config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings"))
+    if tie is None:  # the architecture's default, e.g. llama's ModelArgs ties unless told otherwise
+        tie = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
+    return next((p for p in paths if p.split(".")[-1] == "embed_tokens"), None) if tie else None
 
 
 def _classes(config: dict, model: Path):
@@ -161,8 +221,8 @@ def _classes(config: dict, model: Path):
 
 
 def plan_for(recipe: Recipe, model: str | Path) -> Plan:
-    modules, n_layers, predicate = model_modules(model)
-    return make_plan(recipe, modules, n_layers, predicate)
+    modules, n_layers, predicate, facts = model_modules(model)
+    return make_plan(recipe, modules, n_layers, predicate, facts["dtype"], facts["tied"])
 
 
 # A typical small llama (SmolLM2-135M's shapes) for estimates without any model at hand.
@@ -181,7 +241,7 @@ def reference_plan(recipe: Recipe, s: dict = REFERENCE_SHAPES) -> Plan:
                  (f"{m}.down_proj", s["hidden"], s["ffn"], None)]
     if not s["tied"]:
         mods.append(("lm_head", s["vocab"], s["hidden"], None))
-    return make_plan(recipe, mods, s["layers"])
+    return make_plan(recipe, mods, s["layers"], tied="model.embed_tokens" if s["tied"] else None)
 
 
 def bits_per_weight(recipe: Recipe) -> float:
@@ -193,7 +253,7 @@ def format_plan(plan: Plan) -> str:
     """The plan as a table: consecutive layers with the same settings for a module share a line."""
     def what(p: LayerPlan) -> str:
         if p.quant is None:
-            return plan.recipe.dtype
+            return plan.dtype or "float"
         q = p.quant
         return f"{q['bits']}-bit {q['mode']} g{q['group_size']}"
 
@@ -217,4 +277,8 @@ def format_plan(plan: Plan) -> str:
     out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
     out.append(f"bits per weight {plan.bits_per_weight():.3f} and {plan.bytes() / 1e6:.1f} MB over the quantizable modules "
                f"({len(plan.layers)} modules, {plan.n_layers} layers)")
+    if plan.dtype is None:
+        out.append("(float weights and scales counted at 16 bits, an estimate: neither the recipe nor a model "
+                   "config names the dtype; mlx_lm.convert then keeps the weights as stored)")
+    out += [f"note: {note}" for note in plan.notes()]
     return "\n".join(out)

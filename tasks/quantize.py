@@ -18,7 +18,9 @@ from tasks.recipes import Recipe
 from tasks.remote_code import trusted
 from tasks.stage import artifact_cache, quiet
 
-CODE_VERSION = "2"  # 2: plans with layer selectors and fallbacks; learned recipes; layer entries carry a mode
+# 2: plans with layer selectors and fallbacks; learned recipes; layer entries carry a mode
+# 3: learned recipes honour the recipe's dtype (and otherwise cast as mlx_lm.convert does); info says the dtype written
+CODE_VERSION = "3"
 log = logging.getLogger(__name__)
 
 
@@ -28,13 +30,16 @@ def quantize(base_dir: Path, recipe: Recipe, out: Path) -> dict:
     plan = plan_for(recipe, base_dir)
     for warning in plan.warnings():
         log.warning(warning)
+    for note in plan.notes():
+        log.info(note)
     if recipe.method:
         from tasks.learned import learned_quantize
         from tasks.recipes import calibration_path
 
         calibration = {**recipe.calibration, "text": calibration_path(recipe.calibration["text"])}
         want = calibration.pop("sha256", None)
-        learned = learned_quantize(base_dir, out, recipe.method, recipe.bits, recipe.group_size, calibration)
+        learned = learned_quantize(base_dir, out, recipe.method, recipe.bits, recipe.group_size, calibration,
+                                   dtype=recipe.dtype)
         if want and learned["calibration"]["sha256"] != want:
             raise ValueError(f"recipe {recipe.name!r}: calibration.text {recipe.calibration['text']} changed "
                              "since the recipe was read (its digest is part of the key)")
@@ -52,14 +57,17 @@ def quantize(base_dir: Path, recipe: Recipe, out: Path) -> dict:
         {"task": "model", "metric": "weight_bytes", "value": weight_bytes},
         {"task": "model", "metric": "disk_bytes", "value": sum(f.stat().st_size for f in out.iterdir() if f.is_file())},
     ]
+    stored = stored_dtypes(out)
     return {
         "metrics": rows,
         "recipe": recipe.name,
         "defaults": {k: v for k, v in quantization.items() if not isinstance(v, dict)},
         "layers": layers,
-        # What each module got, from the config mlx_lm.load reads: the recipe's plan as realised.
-        "plan": _realised(plan.rows(), quantization),
+        # What each module got, from the config mlx_lm.load reads and the dtypes in the files: the plan as realised.
+        "plan": _realised(plan.rows(), quantization, stored),
+        "dtype": float_dtype(stored),
         "warnings": plan.warnings(),
+        "notes": plan.notes(),
         **({"learned": {k: v for k, v in learned.items() if k != "layers"}} if learned else {}),
     }
 
@@ -95,16 +103,41 @@ def _convert(base_dir: Path, recipe: Recipe, plan, out: Path) -> None:
     staging.rmdir()
 
 
-def _realised(rows: list[dict], quantization: dict) -> list[dict]:
-    """The plan's rows with bits / group size / mode as config.json says each module was stored."""
+def _realised(rows: list[dict], quantization: dict, stored: dict) -> list[dict]:
+    """The plan's rows with bits / group size / mode as config.json says each module was stored;
+    a module left in float gets the dtype its weight was written in as its mode."""
     defaults = {k: v for k, v in quantization.items() if not isinstance(v, dict)}
     out = []
     for row in rows:
         q = quantization.get(row["path"], defaults if row["bits"] is not None else None)
         if q:
             row = {**row, "bits": q["bits"], "group_size": q["group_size"], "mode": q.get("mode", "affine")}
+        elif row["path"] + ".weight" in stored:
+            row = {**row, "mode": stored[row["path"] + ".weight"]}
         out.append(row)
     return out
+
+
+SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+def stored_dtypes(model_dir: Path) -> dict:
+    """tensor name -> dtype ("bfloat16", "uint32", ...) as written, from the safetensors headers alone."""
+    from safetensors import safe_open
+
+    found = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="numpy") as st:
+            for k in st.keys():
+                t = st.get_slice(k).get_dtype()
+                found[k] = SAFETENSORS_DTYPES.get(t, t.lower())
+    return found
+
+
+def float_dtype(stored: dict) -> str | None:
+    """The float type the model was written in: the most common among its float tensors (scales included)."""
+    floats = [d for d in stored.values() if d in SAFETENSORS_DTYPES.values()]
+    return max(sorted(set(floats)), key=floats.count) if floats else None
 
 
 @task(name="quantize", cache_policy=artifact_cache("quantize", CODE_VERSION, loads_model=True), persist_result=True)

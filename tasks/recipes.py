@@ -7,6 +7,12 @@ their own bits / group size / mode, or `keep` to leave them in float. The first
 matching rule wins; everything else gets the default. The built-ins are files in
 tasks/data/recipes/ that a user can copy.
 
+`dtype` is the float type of what stays in float (and of affine scales and biases).
+Left out (null), mlx_lm.convert decides, as it does when given no --dtype: the source
+config's torch_dtype (else text_config's dtype) when that names a float type, else the
+weights as stored. So a uniform recipe writes what plain `mlx_lm.convert` writes, whatever
+the source's dtype. Learned recipes follow the same rule. bfloat16, float16 or float32 casts.
+
 Layer selectors (`layers:` on a rule), with n the model's number of layers:
   [0, 1, 5]  "3-7"  "first 4"  "last 4"  "every 4"  "every 4 from 2"  (comma-separated to combine)
   or an expression in i and n, e.g. "i < n // 8 or (i - n // 8) % 3 == 2" (mlx-lm's mixed_* choice).
@@ -57,7 +63,7 @@ class RecipeSpec(_Strict):
     bits: int | None
     group_size: int = 64
     mode: str = "affine"
-    dtype: str = "bfloat16"
+    dtype: str | None = None  # None: as mlx_lm.convert decides (see the module docstring)
     rules: list[RuleSpec] = []
     method: str | None = None  # gptq | awq: learned from calibration text instead of rounded
     calibration: dict | None = None  # {text, num_samples, sequence_length, seed}; part of the key
@@ -85,10 +91,10 @@ class Rule:
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    bits: int | None = None  # None: no quantization, weights cast to `dtype`
+    bits: int | None = None  # None: no quantization, weights stay in float
     group_size: int = 64
     mode: str = "affine"
-    dtype: str = "bfloat16"
+    dtype: str | None = None  # float type written; None: as mlx_lm.convert decides
     rules: tuple[Rule, ...] = field(default_factory=tuple)
     method: str | None = None
     calibration: dict | None = None
@@ -101,8 +107,9 @@ class Recipe:
     def check(self) -> "Recipe":
         """Raise RecipeError naming the recipe, the field and the allowed values."""
         where = f"recipe {self.name!r}"
-        if self.dtype not in DTYPES:
-            raise RecipeError(f"{where}: dtype {self.dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise RecipeError(f"{where}: dtype {self.dtype!r} is not allowed; allowed: {', '.join(DTYPES)} "
+                              "(or null: as mlx_lm.convert decides)")
         if self.quantized:
             _check_quant(where, self.bits, self.group_size, self.mode)
         if self.method is not None:

@@ -1,6 +1,7 @@
 """quantize: every built-in recipe on the tiny model, checked with mlx-lm and safetensors."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -144,11 +145,16 @@ PEERS = {
 
 @pytest.mark.parametrize("name", sorted(PEERS))
 def test_same_weights_and_config_as_mlx_lm_convert(quantized, tiny_model, tmp_path, name):
-    import mlx.core as mx
     from mlx_lm import convert
 
     convert(str(tiny_model), mlx_path=str(tmp_path / "peer"), quantize=True, **PEERS[name])
-    ours, theirs = quantized[name][0], tmp_path / "peer"
+    assert_same_as_convert(quantized[name][0], tmp_path / "peer")
+
+
+def assert_same_as_convert(ours: Path, theirs: Path):
+    """The same tensors (dtype, shape, values) and the same config.json as mlx_lm.convert wrote."""
+    import mlx.core as mx
+
     a, b = mx.load(str(ours / "model.safetensors")), mx.load(str(theirs / "model.safetensors"))
     assert sorted(a) == sorted(b)
     for k in a:
@@ -161,6 +167,90 @@ def test_same_weights_and_config_as_mlx_lm_convert(quantized, tiny_model, tmp_pa
     # and give the unused default 4 bits; ours list the exceptions to a default that is used)
     modules = [k.removesuffix(".scales") for k in a if k.endswith(".scales")]
     assert effective(q_mine, modules) == effective(q_peer, modules)
+
+
+def source(tiny_model: Path, out: Path, weights: str, **config) -> Path:
+    """The tiny model with its weights cast to `weights` and its config's torch_dtype replaced by `config`."""
+    import mlx.core as mx
+
+    shutil.copytree(tiny_model, out)
+    cast = {k: v.astype(getattr(mx, weights)) for k, v in mx.load(str(out / "model.safetensors")).items()}
+    mx.save_safetensors(str(out / "model.safetensors"), cast, metadata={"format": "pt"})
+    found = json.loads((out / "config.json").read_text())
+    found.pop("torch_dtype")
+    (out / "config.json").write_text(json.dumps({**found, **config}, indent=2))
+    return out
+
+
+# (weights stored as, config) -> what mlx_lm.convert writes when given no dtype. convert reads
+# config.json's torch_dtype (else text_config's dtype) and ignores transformers-5's top-level `dtype`:
+# such weights stay as stored, here float32 although the config says bfloat16.
+SOURCES = {
+    "float16": ("float16", {"torch_dtype": "float16"}, "float16"),
+    "float32": ("float32", {"torch_dtype": "float32"}, "float32"),
+    "bfloat16": ("bfloat16", {"torch_dtype": "bfloat16"}, "bfloat16"),
+    "dtype-key-only": ("float32", {"dtype": "bfloat16"}, "float32"),
+    "cast-by-config": ("float32", {"torch_dtype": "float16"}, "float16"),
+}
+
+
+@pytest.mark.parametrize("name", ["q4", "mxfp4"])
+@pytest.mark.parametrize("kind", sorted(SOURCES))
+def test_same_as_plain_mlx_lm_convert_whatever_the_source_dtype(tiny_model, tmp_path, kind, name):
+    from mlx_lm import convert
+
+    weights, config, written = SOURCES[kind]
+    base = source(tiny_model, tmp_path / "base", weights, **config)
+    info = quantize(base, BUILTINS[name], tmp_path / "ours")
+    convert(str(base), mlx_path=str(tmp_path / "peer"), quantize=True, **PEERS[name])  # no dtype, as a user types it
+    assert_same_as_convert(tmp_path / "ours", tmp_path / "peer")
+    assert info["dtype"] == written  # read from the written files
+    floats = {d for d, _ in tensors(tmp_path / "ours").values()} - {"U32", "U8"}
+    assert floats == {{"float16": "F16", "float32": "F32", "bfloat16": "BF16"}[written]}
+
+
+def test_an_explicit_dtype_casts_as_convert_does(tiny_model, tmp_path):
+    from dataclasses import replace
+
+    from mlx_lm import convert
+
+    base = source(tiny_model, tmp_path / "base", "float16", torch_dtype="float16")
+    info = quantize(base, replace(BUILTINS["q4"], name="q4-bf16", dtype="bfloat16"), tmp_path / "ours")
+    convert(str(base), mlx_path=str(tmp_path / "peer"), quantize=True, q_bits=4, q_group_size=64, dtype="bfloat16")
+    assert_same_as_convert(tmp_path / "ours", tmp_path / "peer")
+    assert info["dtype"] == "bfloat16"
+    # ...and the default keeps the source's float16: what differed from plain convert before
+    assert quantize(base, BUILTINS["q4"], tmp_path / "default")["dtype"] == "float16"
+
+
+def test_float_modules_report_the_dtype_written(tiny_model, tmp_path):
+    """The realised plan says what a float module was written in, from the files, not from the recipe."""
+    base = source(tiny_model, tmp_path / "base", "float16", torch_dtype="float16")
+    info = quantize(base, BUILTINS["qx86x-hi"], tmp_path / "ours")
+    kept = [row for row in info["plan"] if row["bits"] is None]
+    assert kept and all(".self_attn." in row["path"] for row in kept)
+    stored = tensors(tmp_path / "ours")
+    assert {stored[row["path"] + ".weight"][0] for row in kept} == {"F16"}
+    assert {row["mode"] for row in kept} == {"float16"} and info["dtype"] == "float16"
+
+
+def test_tied_model_notes_instead_of_warnings(tmp_path):
+    """A tied model has no lm_head: the qx rule for it is a note (for the card), not a warning; a typo still warns."""
+    from tasks.demo_model import make_demo_model
+    from tasks.recipes import Recipe, Rule
+
+    tied = make_demo_model(tmp_path / "tied", tie_word_embeddings=True)
+    info = quantize(tied, BUILTINS["qx86-hi"], tmp_path / "qx")
+    assert info["warnings"] == []
+    assert [n.split(":")[0] for n in info["notes"]] == ["lm_head is tied to model.embed_tokens"]
+    assert "8-bit affine, group size 32" in info["notes"][0]
+    assert info["layers"]["model.embed_tokens"] == {"bits": 8, "group_size": 32, "mode": "affine"}
+    assert "lm_head" not in info["layers"] and not any(k.startswith("lm_head") for k in tensors(tmp_path / "qx"))
+
+    typo = Recipe("typo", bits=4, rules=(Rule("lm_haed", bits=8),)).check()
+    info = quantize(tied, typo, tmp_path / "typo")
+    assert info["notes"] == []
+    assert info["warnings"] == ["recipe 'typo': rules[0] (match 'lm_haed') matches no module of this model"]
 
 
 def effective(quantization: dict, modules: list[str]) -> dict:
@@ -185,3 +275,20 @@ def test_learned_recipe_runs_through_the_quantize_stage(tiny_model, tmp_path):
     assert plan["model.embed_tokens"]["bits"] == 6  # GPTQ does not learn embeddings: mlx-lm's fallback, as stored
     model, tokenizer = load(str(tmp_path))
     assert generate(model, tokenizer, "Hello", max_tokens=4)
+
+
+def test_learned_recipes_take_their_float_type_as_convert_does(tiny_model, tmp_path):
+    """GPTQ / AWQ run on the model cast as mlx_lm.convert would cast it: the recipe's dtype, else the config's."""
+    from dataclasses import replace
+
+    from tasks.recipes import with_calibration_digest
+
+    gptq = BUILTINS["gptq-4"]
+    small = with_calibration_digest(replace(gptq, calibration={k: v for k, v in gptq.calibration.items() if k != "sha256"}
+                                            | {"num_samples": 2, "sequence_length": 32}), Path("."))
+    base = source(tiny_model, tmp_path / "base", "float32", torch_dtype="float16")
+    for dtype, written in ((None, "float16"), ("bfloat16", "bfloat16")):
+        info = quantize(base, replace(small, dtype=dtype), tmp_path / str(dtype))
+        assert info["dtype"] == written
+        floats = {d for d, _ in tensors(tmp_path / str(dtype)).values()} - {"U32"}
+        assert floats == {{"float16": "F16", "bfloat16": "BF16"}[written]}

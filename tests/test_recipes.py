@@ -192,12 +192,14 @@ def test_plan_reports_rules_matching_nothing_and_fallbacks():
 
     recipe = Recipe("odd", bits=4, group_size=32, rules=(Rule("attention", bits=8), Rule("down_proj", group_size=128))).check()
     modules = [("model.layers.0.self_attn.q_proj", 64, 64, None), ("model.layers.0.mlp.down_proj", 64, 96, None)]
-    plan = make_plan(recipe, modules, 1)
+    plan = make_plan(recipe, modules, 1, source_dtype="bfloat16")
     down = plan.layers[1]
     assert down.quant is None and down.source == "fallback" and "96" in down.note and "128" in down.note
     warnings = "\n".join(plan.warnings())
     assert "rules[0] (match 'attention') matches no module" in warnings
     assert "model.layers.0.mlp.down_proj stays bfloat16" in warnings
+    # no dtype known from the recipe or the config: the weights stay as stored
+    assert "down_proj stays in float:" in "\n".join(make_plan(recipe, modules, 1).warnings())
 
 
 def test_plan_from_a_config_reads_no_weights(tiny_model):
@@ -207,3 +209,81 @@ def test_plan_from_a_config_reads_no_weights(tiny_model):
     table = format_plan(plan)
     assert "self_attn.q_proj" in table and "8-bit affine g32" in table and "6-bit affine g32" in table
     assert plan.n_layers == 4 and 6 < plan.bits_per_weight() < 8.5
+
+
+# ---- the float type: the recipe's, else the one mlx_lm.convert picks from the config
+def test_a_recipe_without_dtype_takes_the_float_type_convert_picks(tiny_model, tmp_path):
+    """tests/test_quantize.py checks the written files against mlx_lm.convert; this, the plan's arithmetic."""
+    import json
+    import shutil
+
+    from tasks.plan import format_plan, plan_for
+
+    assert BUILTINS["q4"].dtype is None and BUILTINS["bf16"].dtype == "bfloat16"
+    configs = {"torch_dtype": {"torch_dtype": "float32"}, "text_config": {"text_config": {"dtype": "float32"}},
+               "dtype only": {"dtype": "float32"}}  # convert reads torch_dtype, else text_config's dtype, not dtype
+    plans = {}
+    for name, change in configs.items():
+        model = shutil.copytree(tiny_model, tmp_path / name)
+        config = json.loads((model / "config.json").read_text())
+        config.pop("torch_dtype")
+        (model / "config.json").write_text(json.dumps({**config, **change}))
+        plans[name] = {recipe: plan_for(BUILTINS[recipe], model) for recipe in ("q4", "bf16", "qx86x-hi")}
+    for name in ("torch_dtype", "text_config"):
+        q4, bf16, qx = plans[name].values()
+        assert q4.dtype == "float32" and bf16.dtype == "bfloat16"
+        assert bf16.bits_per_weight() == 16 and bf16.rows()[0]["mode"] == "bfloat16"
+        # fp32 scales and biases: 4 + 2 * 32 / 64 bits per weight, not 4 + 2 * 16 / 64
+        assert q4.bits_per_weight() == 5
+        assert {r["mode"] for r in qx.rows() if r["bits"] is None} == {"float32"}
+    q4, bf16, qx = plans["dtype only"].values()
+    assert q4.dtype is None and q4.bits_per_weight() == 4.5 and bf16.dtype == "bfloat16"
+    assert {r["mode"] for r in qx.rows() if r["bits"] is None} == {"float"}
+    assert "counted at 16 bits, an estimate" in format_plan(q4)
+    assert "estimate" not in format_plan(plans["torch_dtype"]["q4"])
+
+
+# ---- tied embeddings: no lm_head module, the output projection is the embedding
+@pytest.fixture(scope="module")
+def tied_model(tmp_path_factory):
+    from tasks.demo_model import make_demo_model
+
+    return make_demo_model(tmp_path_factory.mktemp("tied") / "tiny-tied", tie_word_embeddings=True)
+
+
+def test_a_rule_for_lm_head_on_a_tied_model_is_a_note_not_a_warning(tied_model, tiny_model):
+    from tasks.plan import plan_for
+
+    plan = plan_for(BUILTINS["qx86-hi"], tied_model)
+    assert "lm_head" not in {p.path for p in plan.layers}
+    assert plan.warnings() == []
+    [note] = plan.notes()
+    assert note.startswith("lm_head is tied to model.embed_tokens: the output projection uses the embedding's "
+                           "8-bit affine, group size 32"), note
+    assert "rules[1]" in note
+
+    untied = plan_for(BUILTINS["qx86-hi"], tiny_model)  # its own lm_head: the rule applies
+    head = next(p for p in untied.layers if p.path == "lm_head")
+    assert head.source == "rule 1" and head.quant["bits"] == 8
+    assert untied.warnings() == [] and untied.notes() == []
+
+    mixed = plan_for(BUILTINS["mixed_3_6"], tied_model)  # mlx-lm's mixed_*: the embedding keeps the low bits
+    assert mixed.warnings() == [] and "embedding's 3-bit affine, group size 64" in mixed.notes()[0]
+
+
+def test_a_typo_on_a_tied_model_is_still_warned(tied_model):
+    from tasks.plan import plan_for
+
+    typo = Recipe("typo", bits=4, rules=(Rule(r"lm_haed$", bits=8), Rule(r"lm_head$", bits=8))).check()
+    plan = plan_for(typo, tied_model)
+    assert plan.warnings() == ["recipe 'typo': rules[0] (match 'lm_haed$') matches no module of this model"]
+    assert len(plan.notes()) == 1 and "rules[1]" in plan.notes()[0] and "rules[0]" not in plan.notes()[0]
+
+
+def test_recipes_show_prints_the_tied_note(tied_model, capsys):
+    from flows.cli import main
+
+    assert main(["recipes", "show", "qx86-hi", "--model", str(tied_model)]) == 0
+    captured = capsys.readouterr()
+    assert "note: lm_head is tied to model.embed_tokens" in captured.out
+    assert "warning" not in captured.err
