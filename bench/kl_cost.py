@@ -25,7 +25,7 @@ if __name__ == "__main__":
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tasks.fidelity import DEFAULTS, _load, _passes, fidelity, reference, windows  # noqa: E402
+from tasks.fidelity import DEFAULTS, _load, _passes, fidelity, reference, targets, windows  # noqa: E402
 from tasks.quantize import quantize  # noqa: E402
 from tasks.recipes import get_recipe  # noqa: E402
 
@@ -34,11 +34,11 @@ def plain_perplexity(model_dir: Path, params: dict) -> float:
     """A perplexity stage without the comparison: load, forward every window (the same passes), average the NLL."""
     model, tokenizer = _load(model_dir, params["backend"])
     tokens = windows(tokenizer, params)
-    half = tokens.shape[1] // 2
+    scored = targets(tokens)
 
     def target(logp, first):
-        targets = mx.array(tokens[first:first + len(logp), half:])
-        return mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        wanted = mx.array(scored[first:first + len(logp)])
+        return mx.take_along_axis(logp, wanted[..., None], axis=-1)[..., 0]
 
     nll = [-np.array(t) for _, t in _passes(model, tokens, target)]
     return float(np.exp(np.concatenate(nll).mean()))

@@ -7,26 +7,61 @@ next token. Every recipe's cell asks for the same key, so the base pass is paid
 once per sweep. `fidelity` runs a quantized model over the same windows and
 compares.
 
-Definitions follow llama.cpp's `llama-perplexity --kl-divergence`
-(tools/perplexity/perplexity.cpp in ggml-org/llama.cpp):
-- the corpus is cut into windows of `window` tokens, and only the second half of
-  each window is scored, so every scored token has at least window/2 of context;
+The windows and scored positions are those of llama.cpp's `llama-perplexity`
+(function perplexity() in tools/perplexity/perplexity.cpp, ggml-org/llama.cpp at
+050fc7f32de16858ac667d775b43a51ed8976e6f; the same in the copy vendored by the
+PyPI sdist llama-cpp-python 0.3.36, llama.cpp 0c1e57098bba43ac29e6e3b677cdceebdd22334f),
+and its `--kl-divergence` mode (kl_divergence(), same file) uses the same ones:
+- the whole corpus is tokenized once, with BOS at its start only if the tokenizer
+  adds one (`add_bos`: for a GGUF, `tokenizer.ggml.add_bos_token`; here, whether
+  the tokenizer's encode puts BOS before a text, see `adds_bos`). SmolLM2 does not;
+- it is cut into n_chunk = n_tokens // window consecutive windows of `window`
+  tokens (n_ctx, `-c`), the rest dropped; `windows` caps their number (`--chunks`);
+- if add_bos, each window's FIRST token is REPLACED by BOS: the text is not
+  shifted, and from the second window on the text token it replaces is in no window;
+- with first = window // 2, the predictions at positions first .. window-2 are
+  scored against the tokens at first+1 .. window-1: window - 1 - window//2 tokens
+  per window (255 of 512), each with at least window/2 tokens of context.
+
+Definitions (llama.cpp's, but for the differences listed below):
 - perplexity = exp(mean negative log-likelihood of the actual next token). Its
   standard error is perplexity x std(NLL) / sqrt(n), by the delta method;
 - KL divergence per token = sum_v p_base(v) (log p_base(v) - log p_quant(v)). It is
-  reported as mean (with stderr), median, 90/99/99.9th percentiles and max;
+  reported as mean (with stderr), median, 90/99/99.9th percentiles (linear
+  interpolation, as llama.cpp's) and max;
 - "same top token": how often both models' most likely next token agree;
 - delta p: p_quant(actual token) - p_base(actual token), as mean and RMS.
 
-The KL here is over the base's top-k tokens plus one bucket for all the rest (the
-rest's mass under each model). Merging tokens into a bucket can only lower a KL
-divergence, so this is a lower bound, and the tail matters more than one might
-think. Measured on SmolLM2-135M (q8, q6, q4 against the base, 4 windows of 256):
-k = 64 reads about 20% low, k = 256 10%, k = 1024 4%, and k = 4096 (1/12 of the
-vocabulary) within 1.1%. Hence the default k = 4096, with the base's
+What still differs from llama.cpp, so the numbers agree closely, not exactly:
+- the forward pass is MLX's (dequantized fp32 weights on a CPU, or MLX's native
+  quantized kernels), not ggml's kernels and precision (ggml's CPU path, for one,
+  rounds activations to 8 bits before a quantized matmul);
+- the tokenizer is the model's Hugging Face tokenizer (for a GGUF base, the one
+  tasks/gguf.py rebuilds from its metadata), not llama.cpp's own; and llama.cpp
+  reads special-token text in the corpus as plain text (parse_special false)
+  where a Hugging Face tokenizer matches it as the special token;
+- the KL here is over the base's top-k tokens plus one bucket for all the rest
+  (the rest's mass under each model). llama.cpp sums over the full vocabulary but
+  stores the base's log-probs as 16-bit steps over the top 16 nats and skips every
+  token whose base log-prob is at or below -16; its base NLL, p_base and top
+  token come from those rounded values;
+- standard errors divide by sqrt(n), llama.cpp's by sqrt(n - 1);
+- llama.cpp refuses a corpus of fewer than 2 x window tokens and stops on a vocab
+  that adds EOS; here one window is enough, and no EOS is ever added.
+Checked against llama-perplexity built from llama-cpp-python 0.3.36's sdist (CPU),
+same tokens in every case: the tiny demo model as an F16 GGUF, -c 128, 6 chunks, on
+hamlet.txt, gives the same perplexity to 5e-5 (relative) with and without add_bos,
+and --kl-divergence scores the same 63 positions of each window; SmolLM2-135M-Instruct
+Q4_1, -c 512, reads 0.3-0.4% lower here on hamlet.txt (39.94 vs 40.09) and on
+calibration.txt (20.00 vs 20.06).
+
+Merging tokens into a bucket can only lower a KL divergence, so the KL here is a
+lower bound, and the tail matters more than one might think. Measured on
+SmolLM2-135M (q8, q6, q4 against the base, 4 windows of 256, with CODE_VERSION 2's
+windows): k = 64 reads about 20% low, k = 256 10%, k = 1024 4%, and k = 4096 (1/12
+of the vocabulary) within 1.1%. Hence the default k = 4096, with the base's
 log-probs stored as float16 (which changes the result by under 0.02%).
 """
-
 import json
 from pathlib import Path
 
@@ -39,40 +74,58 @@ from tasks import cpu
 from tasks.benchmark import load_as, trunk_and_head
 from tasks.stage import artifact_cache
 
-CODE_VERSION = "2"  # 2: top-k by partition, top-1 stored; passes split over CPU streams
+# 2: top-k by partition, top-1 stored; passes split over CPU streams.
+# 3: windows and scored positions as llama-perplexity's: BOS only if the tokenizer adds one, replacing
+#    each window's first token (not prepended); positions window//2+1 .. window-1 scored, not window//2 ..
+CODE_VERSION = "3"
 DATA = Path(__file__).parent / "data"
 DEFAULTS = {"corpus": "qsweep:data/hamlet.txt", "window": 512, "windows": 12, "top_k": 4096, "backend": "fp32"}
-WINDOWS_PER_PASS = 4  # windows in one forward pass: bounds the logits held at once (window/2 x vocab each)
+WINDOWS_PER_PASS = 4  # windows in one forward pass: bounds the logits held at once (about window/2 x vocab each)
 
 
 def corpus_path(ref: str) -> Path:
     return DATA.parent / ref.removeprefix("qsweep:") if ref.startswith("qsweep:") else Path(ref)
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS before a text (llama.cpp's add_bos), told by what its encode does."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    return tokenizer.encode("x")[:1] == [bos] != tokenizer.encode("x", add_special_tokens=False)[:1]
+
+
 def windows(tokenizer, params: dict) -> np.ndarray:
-    """(windows, window) token ids: the corpus cut into consecutive windows, each starting with BOS if the model has one."""
+    """(windows, window) token ids: the corpus cut as llama-perplexity cuts it into chunks (module doc)."""
     text = corpus_path(params["corpus"]).read_text(encoding="utf-8")
     tokens = tokenizer.encode(text, add_special_tokens=False, verbose=False)  # longer than the model's max on purpose
-    n, bos = int(params["window"]), tokenizer.bos_token_id
-    step = n - (bos is not None)
-    count = min(int(params["windows"]), len(tokens) // step)
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    if bos is not None:  # BOS once, before the text; never EOS (llama.cpp refuses a vocab that adds one)
+        tokens = [bos] + tokens
+    n = int(params["window"])
+    count = min(int(params["windows"]), len(tokens) // n)
     if count < 1:
         raise ValueError(f"fidelity.corpus {params['corpus']}: {len(tokens)} tokens, fewer than one window of {n}")
-    rows = [tokens[i * step:(i + 1) * step] for i in range(count)]
-    if bos is not None:  # llama.cpp puts BOS first in each chunk, as the model saw text in training
-        rows = [[bos] + r for r in rows]
-    return np.array(rows, dtype=np.int32)
+    rows = np.array(tokens[:count * n], dtype=np.int32).reshape(count, n)
+    if bos is not None:
+        rows[:, 0] = bos  # replaces each window's first token, as llama.cpp does; the text is not shifted
+    return rows
+
+
+def targets(tokens: np.ndarray) -> np.ndarray:
+    """The tokens scored in each window: positions window//2 + 1 .. window - 1, predicted at window//2 .. window - 2."""
+    return tokens[:, tokens.shape[1] // 2 + 1:]
 
 
 def _passes(model, tokens: np.ndarray, per_part):
     """Run the windows in passes; yield (first row, per_part's arrays) for each part of each pass.
 
-    per_part(log_probs of the scored half (rows, window/2, vocab) float32, first row) builds the
-    arrays to keep, lazily: a pass's parts run on one CPU stream each (tasks/cpu.py), all of the
+    per_part(log_probs at the scored positions (rows, window - 1 - window//2, vocab) float32, first row)
+    builds the arrays to keep, lazily: a pass's parts run on one CPU stream each (tasks/cpu.py), all of the
     work, comparison included, so that every core is busy; only what per_part keeps is evaluated.
     """
     trunk, head = trunk_and_head(model)
-    streams, half = cpu.streams(), tokens.shape[1] // 2
+    streams, first = cpu.streams(), tokens.shape[1] // 2
     for start in range(0, len(tokens), WINDOWS_PER_PASS):
         rows = np.arange(start, min(start + WINDOWS_PER_PASS, len(tokens)))
         parts = [p for p in np.array_split(rows, min(len(streams), len(rows))) if len(p)]
@@ -80,7 +133,7 @@ def _passes(model, tokens: np.ndarray, per_part):
         with cpu.blas_threads(1 if len(parts) > 1 else None):
             for stream, part in zip(streams, parts):
                 with mx.stream(stream):
-                    hidden = trunk(mx.array(tokens[part]))[:, half - 1:-1]  # position t predicts token t + 1
+                    hidden = trunk(mx.array(tokens[part]))[:, first:-1]  # position t predicts token t + 1
                     logits = head(hidden).astype(mx.float32)
                     pending.append((int(part[0]), per_part(logits - cpu.logsumexp(logits)[..., None], int(part[0]))))
             mx.eval([arrays for _, arrays in pending])
@@ -105,15 +158,14 @@ def reference(base_dir: Path, params: dict, out: Path) -> dict:
     p = {**DEFAULTS, **params}
     model, tokenizer = _load(base_dir, p["backend"])
     tokens = windows(tokenizer, p)
-    half, k = tokens.shape[1] // 2, int(p["top_k"])
+    scored, k = targets(tokens), int(p["top_k"])
 
     def keep(logp, first):
         k_ = min(k, logp.shape[-1])
         # the top k in no particular order (a partition, not a sort), and the top 1 on its own
         top_ids = mx.argpartition(-logp, kth=k_ - 1, axis=-1)[..., :k_].astype(mx.int32)
         top_logp, rest = _top_and_rest(logp, top_ids)
-        targets = mx.array(tokens[first:first + len(logp), half:])
-        target = mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        target = mx.take_along_axis(logp, mx.array(scored[first:first + len(logp)])[..., None], axis=-1)[..., 0]
         return top_ids, top_logp.astype(mx.float16), rest, target, mx.argmax(logp, axis=-1).astype(mx.int32)
 
     parts = {"top_ids": [], "top_logp": [], "rest_logp": [], "target_logp": [], "top1": []}
@@ -132,7 +184,7 @@ def reference(base_dir: Path, params: dict, out: Path) -> dict:
 def compare(model, ref: dict) -> dict:
     """Per-token statistics of `model` against the reference arrays; see the module doc for definitions."""
     tokens = ref["tokens"]
-    half = tokens.shape[1] // 2
+    scored = targets(tokens)
 
     def stats(logp, first):
         end = first + len(logp)
@@ -144,7 +196,7 @@ def compare(model, ref: dict) -> dict:
         p_rest = mx.exp(rest_b)
         rest_term = mx.where(p_rest > 0, p_rest * (rest_b - rest_q), 0.0)  # no rest when k covers the vocabulary
         kl = mx.maximum((mx.exp(top_logp) * (top_logp - q_top)).sum(axis=-1) + rest_term, 0.0)
-        target = mx.take_along_axis(logp, mx.array(tokens[first:end, half:])[..., None], axis=-1)[..., 0]
+        target = mx.take_along_axis(logp, mx.array(scored[first:end])[..., None], axis=-1)[..., 0]
         same = mx.argmax(logp, axis=-1) == mx.array(ref["top1"][first:end])
         return kl, target, same
 

@@ -1,11 +1,16 @@
 """fidelity: perplexity and KL divergence of quantized models against their base, on the tiny model."""
 
+import json
+import math
+import shutil
+
 import mlx.core as mx
 import numpy as np
 import pytest
+from tokenizers import Tokenizer, processors
 
 from tasks.benchmark import load_as
-from tasks.fidelity import fidelity, reference, windows
+from tasks.fidelity import adds_bos, corpus_path, fidelity, reference, windows
 from tasks.quantize import quantize
 from tasks.recipes import BUILTINS
 
@@ -54,8 +59,8 @@ def full_kl(tiny_model, quantized_dir) -> float:
     base, _ = load_as(tiny_model, "fp32")
     quant, tokenizer = load_as(quantized_dir, "fp32")
     tokens = mx.array(windows(tokenizer, PARAMS))
-    half = tokens.shape[1] // 2
-    lb, lq = (nn_log_softmax(m(tokens)[:, half - 1:-1]) for m in (base, quant))
+    first = tokens.shape[1] // 2
+    lb, lq = (nn_log_softmax(m(tokens)[:, first:-1]) for m in (base, quant))
     return (mx.exp(lb) * (lb - lq)).sum(axis=-1).mean().item()
 
 
@@ -91,3 +96,89 @@ def test_a_corpus_shorter_than_a_window_is_refused(tiny_model, tmp_path):
     short.write_text("Too short.")
     with pytest.raises(ValueError, match="fewer than one window"):
         reference(tiny_model, {**PARAMS, "corpus": str(short)}, tmp_path)
+
+
+# --- windows and scored positions as llama.cpp's llama-perplexity (tools/perplexity/perplexity.cpp) ----------
+
+
+@pytest.fixture(scope="module")
+def bos_model(tiny_model, tmp_path_factory):
+    """The tiny model with a tokenizer that puts BOS before every text (as a GGUF with add_bos_token true
+    converts: tasks/gguf.py); the tiny model's own does not."""
+    out = tmp_path_factory.mktemp("models") / "tiny-bos"
+    shutil.copytree(tiny_model, out)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    bos = "<|endoftext|>"
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+def corpus_tokens(tokenizer) -> list[int]:
+    return tokenizer.encode(corpus_path(PARAMS["corpus"]).read_text(encoding="utf-8"), add_special_tokens=False)
+
+
+def test_no_bos_unless_the_tokenizer_adds_one(tiny_model, tmp_path):
+    _, tok = load_as(tiny_model, "fp32")
+    assert tok.bos_token_id is not None and not adds_bos(tok)
+    text, n = corpus_tokens(tok), PARAMS["window"]
+    got = windows(tok, PARAMS)
+    assert got.shape == (PARAMS["windows"], n)
+    assert got.ravel().tolist() == text[:got.size]  # consecutive windows of the text, nothing inserted
+    assert len(windows(tok, {**PARAMS, "windows": 10**6})) == len(text) // n  # llama.cpp's n_chunk
+
+    no_bos = tmp_path / "no-bos"  # a tokenizer that has no BOS at all
+    shutil.copytree(tiny_model, no_bos)
+    config = json.loads((no_bos / "tokenizer_config.json").read_text())
+    (no_bos / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": None}))
+    (no_bos / "special_tokens_map.json").unlink()
+    _, tok = load_as(no_bos, "fp32")
+    assert tok.bos_token_id is None and not adds_bos(tok)
+    assert np.array_equal(windows(tok, PARAMS), got)
+
+
+def test_bos_replaces_the_first_token_of_every_window(bos_model):
+    _, tok = load_as(bos_model, "fp32")
+    bos, n = tok.bos_token_id, PARAMS["window"]
+    assert adds_bos(tok)
+    text = corpus_tokens(tok)
+    got = windows(tok, PARAMS)
+    assert got.shape == (PARAMS["windows"], n) and (got[:, 0] == bos).all()
+    # The text with BOS before it, cut into windows, each window's first token then replaced by BOS:
+    # window i holds text[i*n : (i+1)*n - 1] after its BOS, and text[i*n - 1] is in no window.
+    for i in range(len(got)):
+        assert got[i, 1:].tolist() == text[i * n:(i + 1) * n - 1]
+    assert got[1, 1:].tolist() != text[n - 1:2 * n - 2]  # not BOS inserted before each window's text
+    assert len(windows(tok, {**PARAMS, "windows": 10**6})) == (1 + len(text)) // n
+
+
+def perplexity_by_hand(model_dir, window: int, count: int) -> tuple[float, int]:
+    """llama.cpp's perplexity(), written out: tokenize with the tokenizer's special tokens, cut into chunks,
+    BOS over each chunk's first token if the vocab adds BOS, score positions first+1 .. n_ctx-1."""
+    model, tok = load_as(model_dir, "fp32")
+    tokens = tok.encode(corpus_path(PARAMS["corpus"]).read_text(encoding="utf-8"))  # add_special=true
+    first, nll, scored = window // 2, 0.0, 0
+    for i in range(count):
+        chunk = list(tokens[i * window:(i + 1) * window])
+        if adds_bos(tok):
+            chunk[0] = tok.bos_token_id
+        logp = nn_log_softmax(model(mx.array(chunk)[None])[0])
+        for j in range(first, window - 1):
+            nll -= logp[j, chunk[j + 1]].item()
+            scored += 1
+    return math.exp(nll / scored), scored
+
+
+@pytest.mark.parametrize("which, window", [("tiny", 128), ("bos", 128), ("bos", 97)])
+def test_perplexity_is_exp_mean_nll_over_the_second_half(which, window, tiny_model, bos_model, tmp_path):
+    model_dir = {"tiny": tiny_model, "bos": bos_model}[which]
+    params = {**PARAMS, "window": window, "windows": 3}
+    info = reference(model_dir, params, tmp_path)
+    [row] = info["metrics"]
+    assert info["scored_tokens"] == row["n"] == 3 * (window - 1 - window // 2)  # 63 of 128: n_ctx/2 - 1
+    with np.load(tmp_path / "reference.npz") as f:
+        assert f["target_logp"].shape == (3, window - 1 - window // 2)
+    want, scored = perplexity_by_hand(model_dir, window, 3)
+    assert scored == row["n"]
+    assert row["value"] == pytest.approx(want, rel=1e-5)
