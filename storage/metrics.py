@@ -9,6 +9,7 @@ query while a sweep runs, and several workers can write one store.
 """
 
 import json
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -57,7 +58,8 @@ CREATE TABLE IF NOT EXISTS metrics (
 );
 -- how a benchmark number was made: compare rows only where these agree
 ALTER TABLE metrics ADD COLUMN IF NOT EXISTS backend VARCHAR;   -- native | fp32
-ALTER TABLE metrics ADD COLUMN IF NOT EXISTS data VARCHAR;      -- data source and split
+ALTER TABLE metrics ADD COLUMN IF NOT EXISTS data VARCHAR;      -- data source and split (and sample)
+ALTER TABLE metrics ADD COLUMN IF NOT EXISTS device VARCHAR;    -- where speed was measured: cpu | gpu
 -- Each quantized artifact's plan as stored: which module got which bits, and why.
 CREATE TABLE IF NOT EXISTS recipe_layers (
     model VARCHAR,
@@ -88,13 +90,26 @@ CREATE TABLE IF NOT EXISTS samples (
     logliks DOUBLE[],        -- each choice's log-likelihood
     PRIMARY KEY (artifact_key, task, doc_id)
 );
--- Each recipe against a base recipe of the same model, task by task (written by `qsweep compare`
--- and at the end of every sweep): paired bootstrap interval and McNemar's exact test.
+-- Each recipe against a base recipe of the same model, task by task (written at the end of every sweep
+-- and by `qsweep publish`): paired score interval, McNemar's exact test, significant = p_holm < 0.05.
 CREATE TABLE IF NOT EXISTS comparisons (
     model VARCHAR, task VARCHAR, base VARCHAR, recipe VARCHAR, n BIGINT,
     base_acc DOUBLE, acc DOUBLE, diff DOUBLE, low DOUBLE, high DOUBLE,
     only_base BIGINT, only_recipe BIGINT, p_value DOUBLE, significant BOOLEAN,
     PRIMARY KEY (model, task, base, recipe)
+);
+ALTER TABLE comparisons ADD COLUMN IF NOT EXISTS p_holm DOUBLE;  -- Holm-adjusted across the model's comparisons
+-- Each card's quality gates (tasks/gates.py): what was required, what was measured, passed or not.
+CREATE TABLE IF NOT EXISTS gates (
+    model VARCHAR,
+    recipe VARCHAR,
+    artifact_key VARCHAR,    -- the publish artifact (the card) that states it
+    gate VARCHAR,            -- smoke | max_kl_mean | max_ppl_ratio
+    requirement VARCHAR,     -- e.g. 'at most 1'
+    measured VARCHAR,        -- as the card prints it, e.g. '14.8' or 'not_language'
+    value DOUBLE,
+    passed BOOLEAN,
+    PRIMARY KEY (artifact_key, gate)
 );
 -- What the store noticed: an artifact whose files no longer matched its manifest (kind 'corrupt').
 CREATE TABLE IF NOT EXISTS events (
@@ -113,6 +128,12 @@ WITH latest AS (
     QUALIFY row_number() OVER (PARTITION BY model, recipe ORDER BY finished DESC) = 1
 )
 SELECT s.* FROM samples s JOIN latest l USING (model, recipe) WHERE s.artifact_key = l.key;
+CREATE OR REPLACE VIEW latest_gates AS
+WITH latest AS (
+    SELECT model, recipe, key FROM stages WHERE status = 'done' AND stage = 'publish'
+    QUALIFY row_number() OVER (PARTITION BY model, recipe ORDER BY finished DESC) = 1
+)
+SELECT g.* FROM gates g JOIN latest l USING (model, recipe) WHERE g.artifact_key = l.key;
 """
 
 
@@ -134,7 +155,8 @@ class MetricStore:
         with _turns:
             while True:
                 try:
-                    con = duckdb.connect(str(self.path), read_only=read_only)
+                    # readers (`qsweep sql`, cards, report, status) also get no file but this one: SANDBOX
+                    con = duckdb.connect(str(self.path), read_only=read_only, config=SANDBOX if read_only else {})
                     break
                 except duckdb.IOException as e:
                     if "lock" not in str(e).lower() or time.monotonic() > deadline:
@@ -179,9 +201,9 @@ class MetricStore:
         with self.connect() as con:
             con.executemany(
                 "INSERT INTO metrics (model, recipe, stage, task, metric, value, stderr, n, artifact_key, run_id, recorded,"
-                " backend, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?, ?) ON CONFLICT DO NOTHING",
+                " backend, data, device) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?, ?, ?) ON CONFLICT DO NOTHING",
                 [[model, recipe, stage, r["task"], r["metric"], r["value"], r.get("stderr"), r.get("n"), artifact_key, run_id,
-                  r.get("backend"), r.get("data")] for r in rows],
+                  r.get("backend"), r.get("data"), r.get("device")] for r in rows],
             )
 
     def record_layers(self, model, recipe, artifact_key, rows: list[dict]):
@@ -193,6 +215,10 @@ class MetricStore:
         """A benchmark artifact's per-question rows; recorded once per artifact."""
         self._record_once("samples", ("task", "doc_id", "target", "chosen", "correct", "correct_norm", "logliks"),
                           model, recipe, artifact_key, rows)
+
+    def record_gates(self, model, recipe, artifact_key, rows: list[dict]):
+        """A card's quality gates; recorded once per publish artifact."""
+        self._record_once("gates", ("gate", "requirement", "measured", "value", "passed"), model, recipe, artifact_key, rows)
 
     def _record_once(self, table: str, fields: tuple, model, recipe, artifact_key, rows: list[dict]):
         """Rows of a table keyed by artifact: model, recipe, artifact_key, then `fields` in column order."""
@@ -209,10 +235,29 @@ class MetricStore:
             con.execute("DELETE FROM comparisons WHERE model = ? AND base = ?", [model, base])
             if rows:
                 con.executemany(
-                    "INSERT INTO comparisons VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO comparisons VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [[model, c.task, c.base, c.recipe, c.n, c.base_acc, c.acc, c.diff, c.low, c.high,
-                      c.only_base, c.only_recipe, c.p_value, c.significant] for c in rows],
+                      c.only_base, c.only_recipe, c.p_value, c.significant, c.p_holm] for c in rows],
                 )
+
+    def latest_samples(self, model: str | None = None) -> list[dict]:
+        """Each cell's per-question outcomes from its latest benchmark: model, recipe, task, doc_id, correct."""
+        _, rows = self.query("SELECT model, recipe, task, doc_id, correct FROM latest_samples WHERE correct IS NOT NULL"
+                             + (" AND model = ?" if model is not None else "") + " ORDER BY model, recipe, task, doc_id",
+                             [model] if model is not None else [])
+        return [dict(zip(("model", "recipe", "task", "doc_id", "correct"), r)) for r in rows]
+
+    def failed_gates(self) -> dict[tuple[str, str], list[dict]]:
+        """(model, recipe) -> the quality gates its latest card failed, for the cells that failed one."""
+        try:
+            _, rows = self.query("SELECT model, recipe, gate, requirement, measured, value, passed FROM latest_gates "
+                                 "WHERE NOT passed ORDER BY model, recipe, gate")
+        except duckdb.CatalogException:  # a store last written before qsweep had gates
+            return {}
+        cells: dict[tuple[str, str], list[dict]] = {}
+        for m, r, *gate in rows:
+            cells.setdefault((m, r), []).append(dict(zip(("gate", "requirement", "measured", "value", "passed"), gate)))
+        return cells
 
     def cell_summary(self, cells: list[tuple[str, str]]) -> list[dict]:
         """One row per (model, recipe): size, accuracy per task and its mean, KL, speed, as last measured."""
@@ -244,3 +289,92 @@ class MetricStore:
             cur = con.execute(sql, params or [])
             columns = [d[0] for d in cur.description] if cur.description else []
             return columns, cur.fetchall()
+
+    def read(self, sql: str) -> tuple[list[str], list[tuple]]:
+        """A statement a user typed (`qsweep sql`): one query that only reads, else ReadRefused."""
+        check_query(sql)
+        try:
+            return self.query(sql)
+        except duckdb.PermissionException as e:  # SANDBOX stopped a file reader: read_csv, glob, ...
+            detail = str(e).splitlines()[0]
+            raise ReadRefused(f"{_culprit(str(e))} reads files: not allowed, qsweep sql reads only the store's tables "
+                              f"({detail})") from None
+
+
+# How every read-only connection opens the store (DuckDB 2.0): read_only=True alone does not stop
+# COPY TO, read_csv('/any/file'), ATTACH ... (READ_WRITE) or EXPORT DATABASE.
+SANDBOX = {
+    "enable_external_access": False,        # no file but the store's own: COPY, readers, ATTACH, EXPORT, INSTALL, LOAD
+    "autoinstall_known_extensions": False,  # a query naming an extension's function neither fetches it
+    "autoload_known_extensions": False,     # nor loads one installed in ~/.duckdb
+    "allow_community_extensions": False,
+    "allow_persistent_secrets": False,      # no credentials read from or written to ~/.duckdb/stored_secrets
+    "lock_configuration": True,             # and no SET, RESET, PRAGMA or CALL can change any setting afterwards
+}
+ALLOWED = "SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN"
+
+
+class ReadRefused(Exception):
+    """A statement `qsweep sql` does not run, and why (one line)."""
+
+
+def check_query(sql: str) -> None:
+    """Exactly one statement that only reads, as DuckDB's parser types it: DESCRIBE, SHOW, SUMMARIZE,
+    FROM-first, VALUES and PIVOT with an IN list are SELECTs to it; EXPLAIN only of one of those."""
+    statements = duckdb.extract_statements(sql)
+    if len(statements) != 1:
+        raise ReadRefused(f"one statement per call (got {len(statements)})" if statements else "no statement given")
+    statement = statements[0]
+    try:
+        kind = statement.type.name
+    except ValueError:  # a type newer than the Python client's enum: UPDATE EXTENSIONS in duckdb 2.0.1
+        kind = "?"
+    if kind == "EXPLAIN" and _explains_a_query(statement.query):
+        return
+    if kind != "SELECT":
+        word = _keyword(statement.query)  # COPY, INSTALL, RESET, CHECKPOINT: DuckDB's type says less
+        what = {"MULTI": "PIVOT without an IN list (it runs several statements; name the values: ON col IN (...))",
+                "EXPLAIN": "EXPLAIN of anything but a query"}.get(kind, kind if word in ALLOWED.split(", ") else word)
+        raise ReadRefused(_refused(what))
+
+
+def _refused(what: str) -> str:
+    return f"{what} is not allowed: qsweep sql is read-only and reads only the store's tables (allowed: {ALLOWED})"
+
+
+def _words(sql: str) -> list[int]:
+    """Where each token of `sql` starts, comments left out."""
+    return [at for at, kind in duckdb.tokenize(sql) if kind != duckdb.token_type.comment]
+
+
+def _keyword(sql: str) -> str:
+    """The statement's first word, e.g. COPY, INSTALL, CHECKPOINT; FORCE CHECKPOINT in full."""
+    words = [re.match(r"\w*", sql[at:]).group().upper() for at in _words(sql)[:2]]
+    return " ".join(words[:2] if words[:1] == ["FORCE"] else words[:1]) or "?"
+
+
+def _explains_a_query(sql: str) -> bool:
+    """EXPLAIN [ANALYZE] [(options)] followed by one SELECT."""
+    at = _words(sql)[1:3]
+    if len(at) > 1 and re.match(r"\w*", sql[at[0]:]).group().upper() in ("ANALYZE", "ANALYSE"):
+        at = at[1:]
+    rest = sql[at[0]:] if at else ""
+    for inner in (rest, re.sub(r"^\([^()]*\)", "", rest)):  # "(FORMAT json) SELECT" or "(SELECT 1)"
+        try:
+            statements = duckdb.extract_statements(inner)
+        except (duckdb.Error, ValueError):
+            continue
+        if len(statements) == 1 and statements[0].type.name == "SELECT":
+            return True
+    return False
+
+
+def _culprit(message: str) -> str:
+    """The function DuckDB's error points at (its ^^^ under LINE n:), e.g. read_csv; else 'the query'."""
+    lines = message.splitlines()
+    for line, marks in zip(lines, lines[1:]):
+        if line.startswith("LINE ") and "^" in marks:
+            name = re.match(r"[\w.]*", line[marks.index("^"):]).group()
+            if name:
+                return name
+    return "the query"
