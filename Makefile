@@ -18,7 +18,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/qsweep run sweeps/demo.yaml
 	$(VENV)/bin/qsweep sql "SELECT model, recipe, task, metric, round(value, 4) AS value, round(stderr, 4) AS stderr FROM latest_metrics WHERE stage IN ('quantize', 'benchmark') ORDER BY recipe, task, metric"
-	@echo "model cards: .qsweep/published/*/README.md   report: .qsweep/report/report.html"
+	@echo "model cards: .qsweep/published/*/README.md   held back by a quality gate: .qsweep/gated/*/README.md   report: .qsweep/report/report.html"
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder

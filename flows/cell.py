@@ -48,11 +48,12 @@ def run_recorded(store: str, run_id: str, model: str, recipe: str, name: str, ta
 
 
 def record_outputs(artifacts: Store, history: MetricStore, run_id: str, model: str, recipe: str, ref: ArtifactRef):
-    """An artifact's rows in the metric history: its metrics, plan and samples, all kept in the
+    """An artifact's rows in the metric history: its metrics, plan, samples and gates, all kept in the
     artifact itself. Rows already there stay as they are."""
     info = artifacts.manifest(ref)["info"]
     history.record_metrics(run_id, model, recipe, ref.stage, ref.key, info.get("metrics", []))
     history.record_layers(model, recipe, ref.key, info.get("plan", []))
+    history.record_gates(model, recipe, ref.key, info.get("gates", []))  # a card's quality gates
     samples = artifacts.path(ref) / "samples.jsonl"
     if samples.exists():
         history.record_samples(model, recipe, ref.key, [json.loads(line) for line in samples.read_text().splitlines()])
@@ -76,7 +77,7 @@ def chain(source: dict, settings: dict) -> list[tuple]:
     steps = [
         ("download", download.download_task, key_params(source), [], {"resolved": source}),
         ("quantize", quantize.quantize_task, settings["recipe"], ["download"], {}),
-        ("smoke", smoke.smoke_task, settings["smoke"], ["quantize"], {}),
+        ("smoke", smoke.smoke_task, settings["smoke"], ["quantize", "download"], {}),  # the base judges the answer
         ("benchmark", benchmark.benchmark_task, settings["benchmark"], ["quantize"], {}),
     ]
     if settings.get("fidelity"):

@@ -41,12 +41,14 @@ def format_table(columns, rows) -> str:
 
 def cmd_run(args) -> int:
     from flows.config import SweepError, load_sweep
-    from flows.sweep import resolve_benchmark, resolve_models
+    from flows.sweep import check_card, resolve_benchmark, resolve_models
+    from storage.artifacts import Store
 
     try:  # refuse bad input before Prefect starts or any work is done
         config, _ = load_sweep(args.sweep_file)
         resolve_models(config)
         resolve_benchmark(config)
+        check_card(config, Store(args.store))
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -61,6 +63,7 @@ def cmd_run(args) -> int:
 
 def cmd_status(args) -> int:
     from flows.cell import STAGES
+    from tasks.gates import describe
 
     db = history(args.store)
     try:
@@ -74,6 +77,10 @@ def cmd_status(args) -> int:
     run_id, name, status, started, finished, cells = runs[0]
     _, stages = db.query("SELECT model, recipe, stage, status, cached, seconds, error FROM stages WHERE run_id = ?", [run_id])
     done = {(m, r, s): ("cached" if c else st, sec, err) for m, r, s, st, c, sec, err in stages}
+    held = {cell: describe(failed) for cell, failed in db.failed_gates().items()}
+    for (m, r) in held:  # measured and carded, but its card says it failed a gate: not let out
+        if (m, r, "publish") in done:
+            done[m, r, "publish"] = ("gated", *done[m, r, "publish"][1:])
     print(f"sweep {name}  run {run_id}  {status}  started {started:%Y-%m-%d %H:%M:%S}"
           + (f"  took {(finished - started).total_seconds():.1f}s" if finished else ""))
     cells = json.loads(cells)
@@ -87,6 +94,9 @@ def cmd_status(args) -> int:
     errors = [(m, r, s, e) for (m, r, s), (st, _, e) in done.items() if st == "failed"]
     for m, r, s, e in errors:
         print(f"\n{m}/{r} {s} failed: {e}")
+    for (m, r), why in held.items():
+        print(f"\n{m}/{r} failed its quality gates: {why}; held back from export and upload unless "
+              "let out by gates.allow in the sweep file or `qsweep publish --force-gated`")
     try:
         _, events = db.query("SELECT kind, stage, detail FROM events WHERE happened >= ? ORDER BY happened", [started])
     except Exception as e:  # a store last written before qsweep kept events
@@ -100,9 +110,9 @@ def cmd_status(args) -> int:
 
 def cmd_sql(args) -> int:
     try:
-        columns, rows = history(args.store).query(args.query)
-    except Exception as e:  # a SQL error is the user's to read, not a traceback
-        print(f"error: {e}", file=sys.stderr)
+        columns, rows = history(args.store).read(args.query)  # one statement that only reads (storage/metrics.py)
+    except Exception as e:  # a refused statement or a SQL error is the user's to read, not a traceback
+        print(f"qsweep sql: {e}", file=sys.stderr)
         return 2
     if args.format == "json":
         print(json.dumps([dict(zip(columns, r)) for r in rows], indent=2, default=str))
@@ -131,7 +141,7 @@ def cmd_compare(args) -> int:
     for model, rows in found.items():
         print(f"model {model}, against {args.base}\n")
         print(format_comparisons(rows, args.alpha))
-    print("\n(also in SQL: SELECT * FROM comparisons)")
+    print("\n(a sweep and `qsweep publish` record these, at alpha 0.05, in SQL: SELECT * FROM comparisons)")
     return 0
 
 
@@ -162,9 +172,10 @@ def cmd_publish(args) -> int:
     store = str(Path(args.store).resolve())
     try:
         if args.dry_run:
-            print("\n".join(dry_run_sweep(str(args.sweep_file), store)))
+            print("\n".join(dry_run_sweep(str(args.sweep_file), store, args.force_gated)))
             return 0
-        state = publish_sweep(sweep_file=str(args.sweep_file), store=store, return_state=True)
+        state = publish_sweep(sweep_file=str(args.sweep_file), store=store, force_gated=args.force_gated,
+                              return_state=True)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -172,7 +183,8 @@ def cmd_publish(args) -> int:
         print(f"qsweep publish: {state.message}", file=sys.stderr)
         return 1
     for done in state.result():
-        print(f"{done['model']}/{done['recipe']}: {done['exported_to']}")
+        print(f"{done['model']}/{done['recipe']}: " + (f"held back by its quality gates ({done['gated']}); card: "
+                                                        f"{done['held_at']}" if done["held_at"] else done["exported_to"]))
     return 0
 
 
@@ -231,13 +243,15 @@ def cmd_recipes_check(args) -> int:
     for path in args.files:
         try:
             recipe = load_recipe(path)
-            warnings = plan_for(recipe, args.model).warnings() if args.model else []
+            plan = plan_for(recipe, args.model) if args.model else None
         except (RecipeError, ValueError, OSError) as e:
             print(f"{e}", file=sys.stderr)
             status = 1
             continue
-        for warning in warnings:
+        for warning in plan.warnings() if plan else []:
             print(f"{path}: warning: {warning}", file=sys.stderr)
+        for note in plan.notes() if plan else []:  # e.g. lm_head tied to the embedding
+            print(f"{path}: note: {note}")
         print(f"{path}: ok ({recipe.name})")
     return status
 
@@ -267,8 +281,8 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("status", parents=[store_opt], help="cells x stages of the latest run")
     p.set_defaults(fn=cmd_status)
-    p = sub.add_parser("sql", parents=[store_opt], help="query the metric history (read-only)")
-    p.add_argument("query")
+    p = sub.add_parser("sql", parents=[store_opt], help="query the metric history (read-only, the store's tables only)")
+    p.add_argument("query", help="one SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE or EXPLAIN statement")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(fn=cmd_sql)
     p = sub.add_parser("compare", parents=[store_opt], help="each recipe against a base recipe: which differences are real")
@@ -281,6 +295,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("publish", parents=[store_opt], help="publish a sweep's measured cells: export and hub upload")
     p.add_argument("sweep_file", type=Path)
     p.add_argument("--dry-run", action="store_true", help="print the operations it would send; send nothing, no token needed")
+    p.add_argument("--force-gated", action="store_true",
+                   help="also export and upload cells that failed a quality gate (their cards still say so)")
     p.set_defaults(fn=cmd_publish)
     p = sub.add_parser("report", parents=[store_opt], help="accuracy table, Pareto plots and metric history as HTML or Markdown")
     p.add_argument("--out", help="folder for the report (default: <store>/report)")

@@ -43,7 +43,9 @@ class ModelSpec(Strict):
 class SmokeSpec(Strict):
     prompt: str = "What is the capital of France? Answer in one sentence."
     max_tokens: int = Field(48, ge=1, le=4096)
-    backend: Literal["auto", "native", "fp32"] = "auto"  # as for benchmark; quantized kernels crawl on a CPU
+    # native: speed and memory of the weights as users run them (mlx's quantized kernels; slow on a CPU, but true);
+    # fp32 (or auto on a CPU): the dequantized weights, faster here, and the card says so
+    backend: Literal["auto", "native", "fp32"] = "native"
 
     @field_validator("prompt")
     @classmethod
@@ -101,6 +103,30 @@ class PublishSpec(Strict):
         return repo
 
 
+class GatesSpec(Strict):
+    """What a variant must show before qsweep lets it out (tasks/gates.py). A cell that fails a gate is
+    measured, recorded and carded like any other, but neither exported for upload nor uploaded.
+    The defaults come from measurements on the demo model (README, "Quality gates")."""
+    smoke: Literal["ok", "any"] = "ok"  # the smoke answer's verdict must be ok
+    max_kl_mean: float | None = Field(1.0, gt=0)  # mean KL divergence from the base, nats per token; null: no gate
+    max_ppl_ratio: float | None = Field(1.5, gt=1)  # perplexity over the base's; null: no gate
+    allow: list[str] = []  # recipes or model/recipe cells published even when they fail a gate
+
+    def limits(self) -> dict:
+        return self.model_dump(exclude={"allow"})
+
+
+class CellRef(Strict):
+    model: str
+    recipe: str
+
+
+class CardSpec(Strict):
+    """The author's part of every card: notes placed in it, other models' cells shown beside it."""
+    notes: dict[str, str] = {}  # a model, recipe or model/recipe -> a Markdown file (relative to the sweep file)
+    compare_with: list[CellRef] = []  # cells of other models in the store, measured on the same questions
+
+
 class ConcurrencySpec(Strict):
     """How much runs at once. Speed and peak memory are measured while other cells run, so
     numbers meant for a card come from the defaults."""
@@ -116,6 +142,8 @@ class Sweep(Strict):
     benchmark: BenchmarkSpec = BenchmarkSpec()
     fidelity: FidelitySpec = FidelitySpec()
     publish: PublishSpec = PublishSpec()
+    gates: GatesSpec = GatesSpec()
+    card: CardSpec = CardSpec()
     concurrency: ConcurrencySpec = ConcurrencySpec()
 
     @model_validator(mode="after")
@@ -128,7 +156,26 @@ class Sweep(Strict):
         for what, placeholder in (("models", "{model}"), ("recipes", "{recipe}")):
             if repo and len(getattr(self, what)) > 1 and placeholder not in repo:
                 raise ValueError(f"publish.repo: {repo!r} lacks {placeholder}: every cell would upload to one repo")
+        models, recipes = [m.name for m in self.models], [recipe_name(r) for r in self.recipes]
+        cells = [f"{m}/{r}" for m in models for r in recipes]
+        for i, name in enumerate(self.gates.allow):
+            if name not in recipes + cells:
+                raise ValueError(f"gates.allow[{i}]: {name!r} is not a recipe or model/recipe cell of this sweep; "
+                                 f"allowed: {', '.join(recipes + cells)}")
+        for name in self.card.notes:
+            if name not in models + recipes + cells:
+                raise ValueError(f"card.notes: {name!r} is not a model, recipe or model/recipe cell of this sweep; "
+                                 f"allowed: {', '.join(models + recipes + cells)}")
         return self
+
+    def allowed_gated(self, model: str, recipe: str) -> bool:
+        """Whether the sweep file lets this cell out although it fails a gate."""
+        return recipe in self.gates.allow or f"{model}/{recipe}" in self.gates.allow
+
+    def notes_for(self, model: str, recipe: str) -> list[str]:
+        """The Markdown of the notes files for this cell: the model's, the recipe's, the cell's, in that order."""
+        return [Path(self.card.notes[k]).read_text(encoding="utf-8")
+                for k in (model, recipe, f"{model}/{recipe}") if k in self.card.notes]
 
     def recipe_objects(self) -> list[Recipe]:
         return [get_recipe(r) if isinstance(r, str) else to_recipe(r) for r in self.recipes]
@@ -213,4 +260,18 @@ def load_sweep(path: Path | str) -> tuple[Sweep, str]:
         data = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         raise SweepError(f"{path}: not valid YAML: {e}") from None
+    notes = (data.get("card") or {}).get("notes") if isinstance(data, dict) else None
+    if isinstance(notes, dict):  # notes files are relative to the sweep file, wherever qsweep runs
+        for name, file in notes.items():
+            if isinstance(file, str):
+                notes[name] = str((path.parent / file).resolve())
+                _check_notes(name, Path(notes[name]), file)
     return parse_sweep(data, str(path)), hashlib.sha256(raw).hexdigest()
+
+
+def _check_notes(name: str, file: Path, as_written: str) -> None:
+    try:
+        file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else (e.strerror or type(e).__name__).lower()
+        raise SweepError(f"card.notes.{name}: {as_written!r}: {why}; a Markdown file, relative to the sweep file") from None

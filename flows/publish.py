@@ -16,13 +16,14 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows.cell import STAGES, run_recorded, stored_refs
-from flows.compare import compare_recipes
+from flows.compare import record_comparisons
 from storage.artifacts import Store
 from storage.keys import tool_versions
 from storage.metrics import MetricStore
 from tasks import card as cards
+from tasks import gates
 from tasks.compare import BASE_RECIPE
-from tasks.publish import card_inputs, card_params, dry_run, publish_task
+from tasks.publish import card_inputs, card_params, dry_run, held_at, publish_task
 from tasks.recipes import BUILTINS
 
 
@@ -32,22 +33,29 @@ def slug(*parts: str) -> str:
 
 
 @flow(name="publish", flow_run_name="publish:{model}/{recipe}")
-def publish_cell(store: str, run_id: str, model: str, recipe: str, refs: dict, settings: dict) -> dict:
-    """The card (an artifact keyed by what it shows), the export folder, the upload when asked."""
-    params, facts = card_params(Store(store), settings["publish"], refs)
+def publish_cell(store: str, run_id: str, model: str, recipe: str, refs: dict, settings: dict,
+                 force_gated: bool = False) -> dict:
+    """The card (an artifact keyed by what it shows), the export folder, the upload when asked; a cell
+    that failed a quality gate is held back (card under <store>/gated/) unless allowed or forced."""
+    artifacts = Store(store)
+    params, facts = card_params(artifacts, settings["publish"], refs)
+    allow = force_gated or settings.get("allow_gated", False)
     card = run_recorded(store, run_id, model, recipe, "publish", publish_task, params, card_inputs(refs),
-                        dest=settings["export_to"], facts=asdict(facts), quantized=refs["quantize"])
-    text = (Store(store).path(card) / "README.md").read_text()
+                        dest=settings["export_to"], facts=asdict(facts), quantized=refs["quantize"], allow_gated=allow)
+    text = (artifacts.path(card) / "README.md").read_text()
     create_markdown_artifact(key=slug("card", model, recipe), markdown=_body(text),
                              description=f"model card of {model} quantized with {recipe}")
-    return {"model": model, "recipe": recipe, "card": card.key, "exported_to": settings["export_to"]}
+    held = gates.failed(facts.gates) and not allow
+    return {"model": model, "recipe": recipe, "card": card.key, "gated": gates.describe(facts.gates),
+            "exported_to": None if held else settings["export_to"],
+            "held_at": str(held_at(artifacts, Path(settings["export_to"]))) if held else None}
 
 
-def publish_tagged(store: str, run_id: str, cell: dict, refs: dict):
+def publish_tagged(store: str, run_id: str, cell: dict, refs: dict, force_gated: bool = False):
     """publish_cell for one planned cell, tagged with its model and recipe; returns its final state."""
     with tags(f"model:{cell['model']}", f"recipe:{cell['recipe']}"):
         return publish_cell(store=store, run_id=run_id, model=cell["model"], recipe=cell["recipe"],
-                            refs=refs, settings=cell["settings"], return_state=True)
+                            refs=refs, settings=cell["settings"], force_gated=force_gated, return_state=True)
 
 
 def _body(card_text: str) -> str:
@@ -58,8 +66,9 @@ def _body(card_text: str) -> str:
 
 
 @flow(name="publish-sweep", flow_run_name="publish:{sweep_file}")
-def publish_sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
-    """Publish every cell of a sweep from the store, measuring nothing (a sweep must have run)."""
+def publish_sweep(sweep_file: str, store: str = ".qsweep", force_gated: bool = False) -> list[dict]:
+    """Publish every cell of a sweep from the store, measuring nothing (a sweep must have run).
+    `force_gated` lets out cells that failed a quality gate too (their cards still say so)."""
     from flows.sweep import SweepFailed, plan_and_check  # flows.sweep runs publish_cell: imported when called
 
     config, cells = plan_and_check(sweep_file, store)
@@ -68,7 +77,7 @@ def publish_sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
     run_id = flow_run.get_id() or "local"
     history.start_run(run_id, config.name, str(sweep_file), "", socket.gethostname(), tool_versions(),
                       [{"model": c["model"], "recipe": c["recipe"], "stages": ["publish"]} for c in cells])
-    compare_recipes(str(artifacts.root), BASE_RECIPE)
+    record_comparisons(str(artifacts.root), BASE_RECIPE)
     done, missing = [], []
     for c in cells:
         refs, lacking = stored_refs(artifacts, c["source"], c["settings"])
@@ -76,7 +85,7 @@ def publish_sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
             missing.append(f"{c['model']}/{c['recipe']} (not measured: no {lacking} artifact for these settings; "
                            f"run `qsweep run {sweep_file}` first)")
             continue
-        state = publish_tagged(str(artifacts.root), run_id, c, refs)
+        state = publish_tagged(str(artifacts.root), run_id, c, refs, force_gated)
         if state.is_completed():
             done.append(state.result())
         else:
@@ -87,14 +96,13 @@ def publish_sweep(sweep_file: str, store: str = ".qsweep") -> list[dict]:
     return done
 
 
-def dry_run_sweep(sweep_file: str, store: str) -> list[str]:
-    """What `qsweep publish` would send for each cell of the sweep, as lines to print; sends nothing."""
+def dry_run_sweep(sweep_file: str, store: str, force_gated: bool = False) -> list[str]:
+    """What `qsweep publish` would send for each cell of the sweep, as lines to print; sends nothing,
+    writes nothing."""
     from flows.sweep import plan_and_check
 
     config, cells = plan_and_check(sweep_file, store)
     artifacts = Store(store)
-    if MetricStore(artifacts.metrics_db).path.exists():
-        compare_recipes(str(artifacts.root), BASE_RECIPE)
     lines = []
     for c in cells:
         refs, lacking = stored_refs(artifacts, c["source"], c["settings"])
@@ -102,7 +110,14 @@ def dry_run_sweep(sweep_file: str, store: str) -> list[str]:
         if lacking:
             lines.append(f"  not measured yet (no {lacking} artifact for these settings): run the sweep first")
             continue
-        text, plan = dry_run(artifacts, c["settings"]["publish"], refs)
+        text, plan, failed = dry_run(artifacts, c["settings"]["publish"], refs)
+        if failed and not (force_gated or c["settings"].get("allow_gated")):
+            lines.append(f"  held back by its quality gates ({gates.describe(failed)}): not exported, not uploaded; "
+                         f"its card would go to {held_at(artifacts, Path(c['settings']['export_to']))}")
+            continue
+        if failed:
+            lines.append(f"  fails its quality gates ({gates.describe(failed)}), let out by "
+                         + ("--force-gated" if force_gated else "the sweep file's gates.allow"))
         lines.append(f"  export to {c['settings']['export_to']}: the model files and README.md ({len(text):,} characters)")
         if plan is None:
             lines.append("  no hub repo in the sweep file (publish.repo): nothing to upload")

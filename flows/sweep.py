@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 from prefect.settings import get_current_settings
 
 from flows.cell import cell, record_found, stored_refs
-from flows.compare import compare_recipes
+from flows.compare import record_comparisons
 from flows.config import Sweep, SweepError, load_sweep
 from flows.publish import publish_tagged, slug
 from storage.artifacts import Store, digest_files, scan_files
@@ -83,8 +83,27 @@ def resolve_fidelity(config: Sweep) -> dict | None:
     return {**f.model_dump(exclude={"enabled"}), "corpus_sha256": digest, "backend": resolve_backend(f.backend)}
 
 
+def check_card(config: Sweep, store: Store) -> None:
+    """card.compare_with names cells this sweep measures or the store holds; anything else is a typo."""
+    mine = {(m.name, r.name) for m in config.models for r in config.recipe_objects()}
+    wanted = [(i, c) for i, c in enumerate(config.card.compare_with) if (c.model, c.recipe) not in mine]
+    if not wanted:
+        return
+    db = MetricStore(store.metrics_db)
+    held = set()
+    if db.path.exists():
+        _, rows = db.query("SELECT DISTINCT model, recipe FROM latest_metrics WHERE stage = 'benchmark' ORDER BY 1, 2")
+        held = {tuple(r) for r in rows}
+    errors = [f"card.compare_with[{i}]: no cell {c.model}/{c.recipe} in this sweep or measured in {store.root}; "
+              f"allowed: {', '.join(f'{m}/{r}' for m, r in sorted(mine | held))}"
+              for i, c in wanted if (c.model, c.recipe) not in held]
+    if errors:
+        raise SweepError("invalid sweep file:\n  " + "\n  ".join(errors))
+
+
 def plan_cells(config: Sweep, resolved: dict, store: Store) -> list[dict]:
     """Every (model, recipe) cell with the parameters of each of its stages."""
+    check_card(config, store)
     benchmark = resolve_benchmark(config)
     fidelity = resolve_fidelity(config)
     export_dir = Path(config.publish.export_dir or store.root / "published")
@@ -105,8 +124,11 @@ def plan_cells(config: Sweep, resolved: dict, store: Store) -> list[dict]:
                         "model": m.name, "recipe": recipe.params(), "recipe_description": recipe.description,
                         "source": key_params(resolved[m.name]), "repo_id": repo,
                         "private": config.publish.private, "license": config.publish.license,
+                        "gates": config.gates.limits(), "notes": config.notes_for(m.name, recipe.name),
+                        "compare_with": [c.model_dump() for c in config.card.compare_with if c.model != m.name],
                     },
                     "export_to": str(export_dir / f"{m.name}-{recipe.name}-mlx"),
+                    "allow_gated": config.allowed_gated(m.name, recipe.name),
                     "trust_remote_code": m.trust_remote_code,
                 },
             })
@@ -207,13 +229,16 @@ def sweep(sweep_file: str, store: str = ".qsweep", cell_deployment: str | None =
     order = {(c["model"], c["recipe"]): i for i, c in enumerate(cells)}
     measured.sort(key=lambda m: order[(m[0]["model"], m[0]["recipe"])])  # cards in the sweep file's order
     if any(c["recipe"] == BASE_RECIPE for c in cells):
-        compare_recipes(str(artifacts.root), BASE_RECIPE)  # the `comparisons` table; `qsweep compare` prints it
+        record_comparisons(str(artifacts.root), BASE_RECIPE)  # the `comparisons` table; `qsweep compare` prints it
 
     outcomes = []
     for c, refs in measured:  # every card shows its siblings, so cards wait for the last cell
         state = publish_tagged(str(artifacts.root), run_id, c, refs)
         if state.is_completed():
             outcomes.append(state.result())
+            if outcomes[-1]["held_at"]:  # measured and carded, but not let out: not a failure of the sweep
+                log.warning("%s/%s held back by its quality gates (%s): not exported or uploaded; card: %s",
+                            c["model"], c["recipe"], outcomes[-1]["gated"], outcomes[-1]["held_at"])
         else:
             failed.append(f"{c['model']}/{c['recipe']} (publish)")
             log.error("publishing %s/%s failed: %s", c["model"], c["recipe"], state.message)

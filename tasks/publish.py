@@ -24,9 +24,11 @@ from prefect import get_run_logger, task
 from storage.artifacts import MANIFEST, ArtifactRef, Store, artifact_key, file_sha256
 from tasks import card as cards
 from tasks.download import MODEL_FILES, redact
+from tasks.gates import describe, failed
 from tasks.stage import artifact_cache
 
-CODE_VERSION = "3"  # 2: cards from tasks/card.py, keyed by their facts; 3: provenance line, short huge values
+CODE_VERSION = "4"  # 2: cards from tasks/card.py, keyed by their facts; 3: provenance line, short huge values;
+# 4: quality gates (a failing cell is held back), score intervals with Holm marks, the author's notes, compare_with
 RECEIPT = ".qsweep-publish.json"  # in the export folder: which card it holds, where it was uploaded
 
 
@@ -164,19 +166,56 @@ def export(model_dir: Path, card_dir: Path, dest: Path) -> None:
     tmp.rename(dest)
 
 
-def delivered(card_key: str, params: dict, dest: Path) -> bool:
-    """The export holds this card, and it reached the hub if it should have."""
+def held_at(store: Store, dest: Path) -> Path:
+    """Where the card of a cell held back by its gates goes instead of its export: <store>/gated/<name>/."""
+    return store.root / "gated" / dest.name
+
+
+def _receipt(folder: Path) -> dict:
     try:
-        receipt = json.loads((dest / RECEIPT).read_text())
+        return json.loads((folder / RECEIPT).read_text())
     except (OSError, ValueError):
-        return False
+        return {}
+
+
+def gated(store: Store, card: ArtifactRef) -> list[dict]:
+    """The gates this card's cell failed (the card artifact states them)."""
+    return failed(json.loads((store.path(card) / "card.json").read_text()).get("gates", []))
+
+
+def delivered(store: Store, card_key: str, params: dict, dest: Path, allow_gated: bool = False) -> bool:
+    """The export holds this card and it reached the hub if it should have; or, for a cell held back by
+    its gates, the card is under <store>/gated/ and no export of the cell is left."""
+    card = store.get("publish", card_key)
+    if card is not None and gated(store, card) and not allow_gated:
+        return _receipt(held_at(store, dest)).get("card") == card_key and not (dest / RECEIPT).exists()
+    receipt = _receipt(dest)
     return receipt.get("card") == card_key and (receipt.get("uploaded") is not None or not wants_upload(params))
 
 
-def deliver(store: Store, card: ArtifactRef, quantized: ArtifactRef, params: dict, dest: Path) -> dict:
-    """Export the model with its card to `dest`, upload it when asked and able; return the receipt."""
+def hold_back(store: Store, card: ArtifactRef, dest: Path) -> dict:
+    """A cell that failed a gate: its card goes to <store>/gated/<name>/, and an earlier export of it
+    (which the hub could be sent from) is removed, since the model in it is now known to fail."""
+    held = held_at(store, dest)
+    held.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(store.path(card) / "README.md", held / "README.md")
+    if (dest / RECEIPT).exists():  # only a folder qsweep exported
+        shutil.rmtree(dest)
+    receipt = {"card": card.key, "exported_to": None, "uploaded": None, "held_at": str(held),
+               "gated": describe(gated(store, card))}
+    (held / RECEIPT).write_text(json.dumps(receipt, indent=2))
+    return receipt
+
+
+def deliver(store: Store, card: ArtifactRef, quantized: ArtifactRef, params: dict, dest: Path,
+            allow_gated: bool = False) -> dict:
+    """Export the model with its card to `dest`, upload it when asked and able; return the receipt.
+    A cell that failed a gate is held back instead, unless `allow_gated`."""
+    if gated(store, card) and not allow_gated:
+        return hold_back(store, card, dest)
+    shutil.rmtree(held_at(store, dest), ignore_errors=True)  # let out after all: no longer held
     receipt = {"card": card.key, "exported_to": str(dest), "uploaded": None}
-    if not delivered(card.key, {}, dest):  # else the export holds this card already: upload from it
+    if _receipt(dest).get("card") != card.key:  # else the export holds this card already: upload from it
         export(store.path(quantized), store.path(card), dest)
         (dest / RECEIPT).write_text(json.dumps(receipt, indent=2))  # so that a failed upload re-exports nothing
     if params.get("repo_id"):
@@ -206,21 +245,23 @@ def card_inputs(refs: dict[str, ArtifactRef]) -> list[ArtifactRef]:
     return [refs[s] for s in ("quantize", "smoke", "benchmark", "fidelity") if s in refs]
 
 
-def publish(store: Store, params: dict, refs: dict[str, ArtifactRef], dest: Path) -> tuple[ArtifactRef, dict]:
+def publish(store: Store, params: dict, refs: dict[str, ArtifactRef], dest: Path,
+            allow_gated: bool = False) -> tuple[ArtifactRef, dict]:
     """The card is the artifact; the export and the upload are its delivery, redone when missing."""
     params, facts = card_params(store, params, refs)
     card = store.produce("publish", CODE_VERSION, params, card_inputs(refs), lambda out: cards.write(facts, out))
-    return card, deliver(store, card, refs["quantize"], params, dest)
+    return card, deliver(store, card, refs["quantize"], params, dest, allow_gated)
 
 
-def dry_run(store: Store, params: dict, refs: dict[str, ArtifactRef]) -> tuple[str, Upload | None]:
-    """The card this cell would publish and the hub operations it would send; sends nothing, needs no token."""
+def dry_run(store: Store, params: dict, refs: dict[str, ArtifactRef]) -> tuple[str, Upload | None, list[dict]]:
+    """The card this cell would publish, the hub operations it would send, and the gates it fails;
+    sends nothing, needs no token."""
     params, facts = card_params(store, params, refs)
     text, repo = cards.render(facts), params.get("repo_id")
     if not repo:
-        return text, None
+        return text, None, failed(facts.gates)
     message = commit_message(params, artifact_key("publish", CODE_VERSION, params, card_inputs(refs)), refs["quantize"])
-    with tempfile.TemporaryDirectory(dir=store.root) as staging:
+    with tempfile.TemporaryDirectory(prefix="qsweep-dry-run-") as staging:  # not in the store: a dry run writes nothing there
         staging = Path(staging)
         for f in store.path(refs["quantize"]).iterdir():  # links: the plan needs names and contents, not copies
             if f.is_file() and f.name not in (MANIFEST, "README.md"):
@@ -232,17 +273,26 @@ def dry_run(store: Store, params: dict, refs: dict[str, ArtifactRef]) -> tuple[s
             remote, note = None, f"could not read {repo} on the hub ({_why(e)}); planned as for a new repo"
         plan = plan_upload(staging, repo, params.get("private", True), message, remote)
         plan.note = note
-    return text, plan
+    return text, plan, failed(facts.gates)
 
 
-@task(name="publish", persist_result=True,
-      cache_policy=artifact_cache("publish", CODE_VERSION, done=lambda key, p: delivered(key, p["params"], Path(p["dest"]))))
+def _delivered(key: str, p: dict) -> bool:
+    return delivered(Store(p["store"]), key, p["params"], Path(p["dest"]), p.get("allow_gated", False))
+
+
+@task(name="publish", persist_result=True, cache_policy=artifact_cache("publish", CODE_VERSION, done=_delivered))
 def publish_task(store: str, params: dict, inputs: list[ArtifactRef], dest: str, facts: dict,
-                 quantized: ArtifactRef) -> ArtifactRef:
-    """`params` already carry the digest of `facts` (card_params), so the key says what the card shows."""
+                 quantized: ArtifactRef, allow_gated: bool = False) -> ArtifactRef:
+    """`params` already carry the digest of `facts` (card_params), so the key says what the card shows.
+    `allow_gated` lets a cell out although it failed a gate (not part of the key: the card is the same)."""
     artifacts = Store(store)
     card = artifacts.produce("publish", CODE_VERSION, params, inputs, lambda out: cards.write(cards.CardFacts(**facts), out))
-    receipt = deliver(artifacts, card, quantized, params, Path(dest))
-    get_run_logger().info("published to %s%s", receipt["exported_to"],
-                          f" and {receipt['uploaded']['repo']}" if receipt["uploaded"] else "")
+    receipt = deliver(artifacts, card, quantized, params, Path(dest), allow_gated)
+    log = get_run_logger()
+    if receipt.get("held_at"):
+        log.warning("%s/%s held back by its quality gates (%s): not exported or uploaded; its card is in %s",
+                    params["model"], params["recipe"]["name"], receipt["gated"], receipt["held_at"])
+    else:
+        log.info("published to %s%s", receipt["exported_to"],
+                 f" and {receipt['uploaded']['repo']}" if receipt["uploaded"] else "")
     return card

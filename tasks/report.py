@@ -40,6 +40,9 @@ class Row:
     recipe: str
     acc: dict[str, float] = field(default_factory=dict)  # task -> acc
     values: dict[tuple[str, str], float] = field(default_factory=dict)  # (stage, metric) -> value
+    stderr: dict[str, float] = field(default_factory=dict)  # task -> acc's standard error
+    how: dict[str, tuple] = field(default_factory=dict)  # task -> (questions, data, backend)
+    gated: str | None = None  # the quality gates its latest card failed (tasks/gates.py), if any
 
     def get(self, stage: str, metric: str):
         return self.values.get((stage, metric))
@@ -71,15 +74,23 @@ def log_floor(values: list[float]) -> float | None:
 def load_latest(db) -> dict[str, list[Row]]:
     """model -> its recipes' current rows, sorted by bits per weight, highest first."""
     stages = ("benchmark", "quantize", "fidelity", "smoke")
-    _, rows = db.query("SELECT model, recipe, stage, task, metric, value FROM latest_metrics WHERE stage IN (?, ?, ?, ?)"
-                       " AND value IS NOT NULL ORDER BY model, recipe, stage, task, metric", list(stages))
+    _, rows = db.query("SELECT model, recipe, stage, task, metric, value, stderr, n, data, backend FROM latest_metrics "
+                       "WHERE stage IN (?, ?, ?, ?) AND value IS NOT NULL ORDER BY model, recipe, stage, task, metric",
+                       list(stages))
     models: dict[str, dict[str, Row]] = {}
-    for model, recipe, stage, task, metric, value in rows:
+    for model, recipe, stage, task, metric, value, stderr, n, data, backend in rows:
         row = models.setdefault(model, {}).setdefault(recipe, Row(recipe))
         if stage == "benchmark" and metric == "acc":
-            row.acc[task] = value
+            row.acc[task], row.how[task] = value, (n, data, backend)
+            if stderr is not None:
+                row.stderr[task] = stderr
         elif task in ("model", "fidelity", "smoke"):
             row.values[(stage, metric)] = value
+    from tasks.gates import describe
+
+    for (model, recipe), failed in db.failed_gates().items():
+        if recipe in models.get(model, {}):
+            models[model][recipe].gated = describe(failed)
     by_bits = lambda r: (-(r.get("quantize", "bits_per_weight") or -1.0), r.recipe)
     return {m: sorted(recipes.values(), key=by_bits) for m, recipes in models.items()}
 
@@ -119,14 +130,29 @@ def load_history(db) -> dict[str, dict[str, dict[str, list[tuple]]]]:
 def accuracy_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     tasks = sorted({t for r in rows for t in r.acc})
     extra = [c for c in EXTRA if any(r.get(c[1], c[2]) is not None for r in rows)]
-    header = ["recipe", "bits/weight", "size", *tasks, "mean acc", *(c[0] for c in extra)]
+    gates = any(r.gated for r in rows)
+    header = ["recipe", "bits/weight", "size", *tasks, "mean acc", *(c[0] for c in extra)] + (["quality gates"] if gates else [])
     fmt = lambda v, spec: "" if v is None else format(v, spec)
+    acc = lambda r, t: "" if t not in r.acc else fmt(r.acc[t], ".3f") + (f" ±{r.stderr[t]:.3f}" if t in r.stderr else "")
     body = []
     for r in rows:
         body.append([r.recipe, fmt(r.get("quantize", "bits_per_weight"), ".2f"), human_bytes(r.get("quantize", "disk_bytes")),
-                     *(fmt(r.acc.get(t), ".3f") for t in tasks), fmt(mean_acc(r, tasks), ".3f"),
-                     *(fmt(r.get(stage, metric), spec) for _, stage, metric, spec in extra)])
+                     *(acc(r, t) for t in tasks), fmt(mean_acc(r, tasks), ".3f"),
+                     *(fmt(r.get(stage, metric), spec) for _, stage, metric, spec in extra)]
+                    + ([f"failed: {r.gated}" if r.gated else "passed"] if gates else []))
     return header, body
+
+
+def measured_how(rows: list[Row]) -> str:
+    """How the table's accuracies were measured: questions, data and backend per task, as the rows say."""
+    how = {}
+    for r in rows:
+        for task, (n, data, backend) in r.how.items():
+            how.setdefault(task, set()).add((n, data, backend))
+    parts = []
+    for task, ways in sorted(how.items()):
+        parts += [f"{task}: {n} questions, {data or 'lm-eval data'}, {backend} weights" for n, data, backend in sorted(ways, key=str)]
+    return "; ".join(parts)
 
 
 def human_bytes(n: float | None) -> str:
@@ -269,8 +295,9 @@ def report_blocks(store) -> list[tuple]:
             slug += "-"
         slugs[model] = slug
         header, body = accuracy_table(rows)
-        blocks += [("h2", model), ("p", "Each recipe as last computed, sorted by bits per weight. Accuracy: the benchmark's acc; "
-                                        "mean acc: over all the tasks, blank where one is missing."), ("table", header, body),
+        blocks += [("h2", model), ("p", "Each recipe as last computed, sorted by bits per weight. Accuracy: the benchmark's acc "
+                                        "± its standard error; mean acc: over all the tasks, blank where one is missing. "
+                                        f"Measured on {measured_how(rows)}."), ("table", header, body),
                    ("h3", "Pareto frontiers")]
         tasks = sorted({t for r in rows for t in r.acc})
         for kind, stage, what, ylabel, higher, log, values in [

@@ -163,7 +163,7 @@ def smoke(model_dir: Path, params: dict, out: Path, base_dir: Path | None = None
                      nll=language.get("answer_nll"), base_nll=language.get("base_answer_nll"))
     (out / "smoke.json").write_text(json.dumps({
         "prompt": params["prompt"], "chat_template": chat, "text": text, "tokens": tokens, "eos": eos,
-        "verdict": judged, "language_checked": base_dir is not None, **language,
+        "verdict": judged, "language_checked": base_dir is not None, "language_margin": LANGUAGE_MARGIN, **language,
     }, indent=2))
 
     # how the answer was made: these kernels on this device (speed and memory mean nothing without it)

@@ -30,6 +30,7 @@ def measure_cell(store, history, model: str, resolved: dict, recipe, run_id: str
     import json
 
     from tasks import benchmark, download, fidelity, quantize, smoke
+    from tasks.offline_tasks import plan_tasks
 
     def stage(name, version, params, inputs, build):
         ref = store.produce(name, version, params, inputs, build)
@@ -47,9 +48,9 @@ def measure_cell(store, history, model: str, resolved: dict, recipe, run_id: str
     r["quantize"] = stage("quantize", quantize.CODE_VERSION, recipe.params(), [r["download"]],
                           lambda out: quantize.quantize(store.path(r["download"]), recipe, out))
     smoke_params = {"prompt": "Say hello.", "max_tokens": 8}
-    r["smoke"] = stage("smoke", smoke.CODE_VERSION, smoke_params, [r["quantize"]],
-                       lambda out: smoke.smoke(store.path(r["quantize"]), smoke_params, out))
-    bench = {"tasks": ["qsweep_demo_mc"], "limit": 8, "batch_size": 8}
+    r["smoke"] = stage("smoke", smoke.CODE_VERSION, smoke_params, [r["quantize"], r["download"]],
+                       lambda out: smoke.smoke(store.path(r["quantize"]), smoke_params, out, store.path(r["download"])))
+    bench = {"tasks": ["qsweep_demo_mc"], "limit": 8, "batch_size": 8, "plan": plan_tasks(["qsweep_demo_mc"])}
     r["benchmark"] = stage("benchmark", benchmark.CODE_VERSION, bench, [r["quantize"]],
                            lambda out: {"metrics": benchmark.benchmark(store.path(r["quantize"]), bench, out)})
     r["reference"] = stage("reference", fidelity.CODE_VERSION, fid, [r["download"]],
@@ -64,14 +65,15 @@ def publish_params(model: str, resolved: dict, recipe, **change) -> dict:
     from tasks import download
 
     return {"model": model, "recipe": recipe.params(), "recipe_description": recipe.description,
-            "source": download.key_params(resolved), "repo_id": None, "private": True, "license": None, **change}
+            "source": download.key_params(resolved), "repo_id": None, "private": True, "license": None,
+            "gates": {}, "notes": [], "compare_with": [], **change}
 
 
 @pytest.fixture(scope="session")
 def measured(tiny_model, tmp_path_factory):
     """A store where the tiny model went through bf16, q4 and qx86-hi, with its metric history and
     the comparisons against bf16: (store, {recipe: refs by stage}, resolved source)."""
-    from flows.compare import compare_recipes
+    from flows.compare import record_comparisons
     from storage.artifacts import Store
     from storage.metrics import MetricStore
     from tasks.download import resolve_source
@@ -81,5 +83,5 @@ def measured(tiny_model, tmp_path_factory):
     history = MetricStore(store.metrics_db)
     resolved = resolve_source(str(tiny_model))
     refs = {name: measure_cell(store, history, "tiny", resolved, BUILTINS[name]) for name in MEASURED_RECIPES}
-    compare_recipes(str(store.root), "bf16")
+    record_comparisons(str(store.root), "bf16")
     return store, refs, resolved

@@ -49,11 +49,18 @@ def test_card_passes_huggingface_hubs_own_parsing_with_a_model_index(measured):
     assert result.dataset_type == "qsweep_demo_mc" and result.metric_type == "acc"
     assert result.metric_value == pytest.approx(acc, abs=1e-4)
     assert result.task_type == "text-generation" and not result.verified
+    # 8 of the task's 40 questions: the name the hub shows says it is a sample, of which split, drawn how
+    assert result.dataset_name == "qsweep_demo_mc (8-question random sample of test, seed 0)"
+    assert result.dataset_split == "test" and result.metric_args["questions"] == 8
+    assert "qsweep shipped" in result.dataset_args["data"]
 
 
-def test_official_benchmarks_name_their_hub_datasets():
-    for task, (dataset, config, split, name) in cards.DATASETS.items():
-        assert "/" in dataset and split in ("test", "validation"), task
+def test_official_benchmarks_name_their_hub_datasets_and_short_names():
+    for task, (dataset, config, name, short) in cards.DATASETS.items():
+        assert "/" in dataset and name and short, task
+    assert [cards.short_name(t) for t in cards.DATASETS] == ["ARC-C", "ARC-E", "BoolQ", "HellaSwag", "OBQA", "PIQA",
+                                                             "Winogrande"]
+    assert cards.short_name("qsweep_demo_mc") == "qsweep_demo_mc"
 
 
 def test_card_names_the_hub_base_model_its_revision_and_license(measured):
@@ -78,20 +85,29 @@ def test_card_shows_plan_size_and_every_sibling_beside_this_variant(measured):
     table = table_after(text, "Accuracy (lm-eval")
     assert table[0] == ["recipe", "bits/weight", "size", "qsweep_demo_mc", "mean"]
     shown = [r[0] for r in table[2:]]
-    assert shown == ["bf16 (base)", "**qx86-hi (this model)**", "q4"]  # base first, then by bits
+    assert shown == ["bf16", "**qx86-hi (this model)**", "q4"]  # base first, then by bits
+    base = {r["metric"]: r["value"] for r in store.manifest(refs["bf16"]["benchmark"])["info"]["metrics"]}["acc"]
     for row in table[2:]:
         recipe = row[0].strip("*").split(" (")[0]
         acc = {r["metric"]: r["value"] for r in store.manifest(refs[recipe]["benchmark"])["info"]["metrics"]}["acc"]
-        assert row[3] == f"{acc:.3f}"  # three decimals, as publishers write them
-    assert "first 8 questions" in text
+        # three decimals, and the relative change from the base as publishers write it (+3.1%)
+        relative = "" if recipe == "bf16" or not base else f" ({round(100 * (acc - base) / base, 1) + 0.0:+.1f}%)"
+        assert row[3] == f"{acc:.3f}{relative}"
+    assert "8 random questions of each task (seed 0)" in text and "split `test`, 8 of 40 questions" in text
 
     diffs = table_after(text, "Difference from bf16")
     assert [r[0] for r in diffs[2:]] == ["**qx86-hi (this model)**", "q4"]
-    diff, interval = diffs[3][1].split(" ", 1)
-    assert diff.rstrip("*").startswith(("+", "-")) and interval.startswith("(") and interval.endswith(")")
+    for row in diffs[2:]:
+        diff, interval = row[1].split(" ", 1)
+        low, high = map(float, interval.strip("()").split(", "))
+        assert low < float(diff.rstrip("*")) < high  # never a point: a score interval does not collapse
+    assert "Tango score interval" in text and "after Holm's adjustment across the 2 differences" in text
 
     fidelity = table_after(text, "Perplexity and KL")
-    assert [r[0] for r in fidelity[2:]] == ["bf16 (base)", "**qx86-hi (this model)**", "q4"]
+    assert [r[0] for r in fidelity[2:]] == ["bf16", "**qx86-hi (this model)**", "q4"]
+    # the reference is named for what it is, and so is bf16
+    assert "from the reference, the base model (bfloat16 weights as stored) run in float32" in text
+    assert "`bf16` is the base's own bfloat16 weights" in text
     kl = {r[0].strip("*").split(" (")[0]: float(r[3]) for r in fidelity[2:]}
     assert kl["bf16"] <= kl["qx86-hi"] < kl["q4"]
     assert 'load("tiny-qx86-hi-mlx")' in text and "apply_chat_template" in text and "pip install mlx-lm" in text
@@ -141,3 +157,39 @@ def test_plan_summary_groups_layers_into_ranges():
         "`mlp.up_proj` in layers 0-1, 5: 4-bit affine, group size 64",
         "`mlp.up_proj` in layers 2-4: 6-bit affine, group size 64",
     ]
+
+
+def test_a_cell_that_fails_a_gate_says_so_at_the_top(measured):
+    store, refs, resolved = measured
+    passed = facts_for(store, refs, resolved, recipe="q4")
+    assert not any(line.startswith("> ") for line in cards.render(passed).splitlines())
+    strict = facts_for(store, refs, resolved, recipe="q4", gates={"max_kl_mean": 1e-9})
+    text = cards.render(strict)
+    kl = {r["metric"]: r["value"] for r in store.manifest(refs["q4"]["fidelity"])["info"]["metrics"]}["kl_mean"]
+    body = ModelCard(text).text
+    assert body.index("failed qsweep's quality gates") < body.index("converted to MLX format")
+    assert f"> - mean KL divergence from the base (nats/token): **{kl:.4g}** (required: at most 1e-09)" in text
+    assert strict.digest() != passed.digest()
+
+
+def test_the_authors_notes_and_other_models_cells_are_on_the_card(measured, tmp_path):
+    """card.notes is placed as written; card.compare_with shows another model's cell on the same questions."""
+    store, refs, resolved = measured
+    other = Store(shutil.copytree(store.root, tmp_path / "store"))
+    with MetricStore(other.metrics_db).connect() as con:  # the tiny model's q4 again, as a model called "other"
+        for table in ("metrics", "samples", "stages"):
+            cols = [c for (c,) in con.execute(f"SELECT column_name FROM (DESCRIBE {table})").fetchall()]
+            other_key = {"model": "'other'", "artifact_key": "artifact_key || '-other'", "key": "key || '-other'"}
+            picked = ", ".join(other_key.get(c, c) for c in cols)
+            con.execute(f"INSERT INTO {table} SELECT {picked} FROM {table} WHERE model = 'tiny' AND recipe = 'q4'")
+    notes = ["## Why this recipe\n\nAttention at 8 bits, *as Deckard does*.\n"]
+    facts = cards.gather(other, publish_params("tiny", resolved, BUILTINS["qx86-hi"], notes=notes,
+                                               compare_with=[{"model": "other", "recipe": "q4"}]), refs["qx86-hi"])
+    text = cards.render(facts)
+    assert "## Why this recipe\n\nAttention at 8 bits, *as Deckard does*." in text
+    beside = table_after(text, "Beside other models")
+    assert beside[0] == ["task", "**qx86-hi (this model)**", "other q4"]
+    q4 = {r["metric"]: r["value"] for r in store.manifest(refs["q4"]["benchmark"])["info"]["metrics"]}["acc"]
+    cell = beside[2][2]
+    assert cell.startswith(f"{q4:.3f} (this model ") and "," in cell
+    assert facts.digest() != facts_for(store, refs, resolved).digest()

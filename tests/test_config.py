@@ -148,3 +148,34 @@ def test_remote_code_is_off_unless_a_model_says_so():
     assert [m.trust_remote_code for m in sweep.models] == [False, True]
     assert "models[0].trust_remote_code: Input should be a valid boolean" in error(
         {**GOOD, "models": [{"name": "a", "source": "demo://tiny-llama", "trust_remote_code": "maybe"}]})
+
+
+def test_gates_default_on_and_name_what_is_allowed():
+    sweep = parse_sweep(GOOD)
+    assert sweep.gates.limits() == {"smoke": "ok", "max_kl_mean": 1.0, "max_ppl_ratio": 1.5}
+    assert "gates.smoke" in error({**GOOD, "gates": {"smoke": "fine"}}) and "'ok' or 'any'" in error(
+        {**GOOD, "gates": {"smoke": "fine"}})
+    assert "gates.max_kl_mean: Input should be greater than 0" in error({**GOOD, "gates": {"max_kl_mean": 0}})
+    message = error({**GOOD, "gates": {"allow": ["q5"]}})
+    assert "gates.allow[0]: 'q5' is not a recipe or model/recipe cell of this sweep; allowed: q4, qx86-hi, tiny/q4" in message
+    sweep = parse_sweep({**GOOD, "gates": {"allow": ["tiny/q4"], "max_ppl_ratio": None}})
+    assert sweep.allowed_gated("tiny", "q4") and not sweep.allowed_gated("tiny", "qx86-hi")
+    assert sweep.gates.limits()["max_ppl_ratio"] is None
+
+
+def test_card_notes_are_files_next_to_the_sweep_file(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "tiny.md").write_text("About **tiny**.\n")
+    (tmp_path / "notes" / "q4.md").write_text("q4 keeps 4 bits.\n")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, "card": {"notes": {"tiny": "notes/tiny.md", "tiny/q4": "notes/q4.md"}}}))
+    sweep, _ = load_sweep(path)
+    assert sweep.notes_for("tiny", "q4") == ["About **tiny**.\n", "q4 keeps 4 bits.\n"]
+    assert sweep.notes_for("tiny", "qx86-hi") == ["About **tiny**.\n"]
+
+    path.write_text(yaml.safe_dump({**GOOD, "card": {"notes": {"tiny": "notes/missing.md"}}}))
+    with pytest.raises(SweepError, match=r"card.notes.tiny: 'notes/missing.md': no such file or directory"):
+        load_sweep(path)
+    message = error({**GOOD, "card": {"notes": {"q9": "x.md"}}})
+    assert "card.notes: 'q9' is not a model, recipe or model/recipe cell of this sweep; allowed: tiny, q4" in message
+    assert "card.compare_with[0].recipe: Field required" in error({**GOOD, "card": {"compare_with": [{"model": "x"}]}})

@@ -83,7 +83,7 @@ def test_the_card_is_keyed_by_what_it_shows(measured, store, tmp_path):
     run_publish(store, measured, tmp_path / "b")  # the same facts: the same card artifact
     assert len(list((store.root / "artifacts" / "publish").iterdir())) == 1
     with MetricStore(store.metrics_db).connect() as con:  # a sibling's numbers change
-        con.execute("UPDATE metrics SET value = value / 2 WHERE recipe = 'q4' AND metric = 'acc'")
+        con.execute("UPDATE metrics SET value = 1 - value WHERE recipe = 'q4' AND metric = 'acc'")
     run_publish(store, measured, tmp_path / "a")
     assert len(list((store.root / "artifacts" / "publish").iterdir())) == 2
 
@@ -101,10 +101,44 @@ def test_a_deleted_export_is_not_delivered(measured, store, tmp_path):
     run_publish(store, measured, tmp_path / "export")
     key = next((store.root / "artifacts" / "publish").iterdir()).name
     params = publish_params("tiny", measured[2], BUILTINS["qx86-hi"])
-    assert publish.delivered(key, params, tmp_path / "export")
+    assert publish.delivered(store, key, params, tmp_path / "export")
     shutil.rmtree(tmp_path / "export")
-    assert not publish.delivered(key, params, tmp_path / "export")
-    assert not publish.delivered(key, params, tmp_path / "elsewhere")
+    assert not publish.delivered(store, key, params, tmp_path / "export")
+    assert not publish.delivered(store, key, params, tmp_path / "elsewhere")
+
+
+# --- quality gates ----------------------------------------------------------------------------------
+
+STRICT = {"max_kl_mean": 1e-9}  # a gate no quantized variant passes: this cell fails it
+
+
+def test_a_cell_that_fails_a_gate_is_carded_but_not_exported(measured, store, tmp_path):
+    dest = tmp_path / "export"
+    run_publish(store, measured, dest)  # exported while it passed its gates
+    assert (dest / publish.RECEIPT).exists()
+    card, receipt = run_publish(store, measured, dest, gates=STRICT)  # then the gate tightens
+    assert not dest.exists()  # the earlier export, which `hf upload` could have sent, is gone
+    held = store.root / "gated" / "export"
+    assert receipt["exported_to"] is None and receipt["held_at"] == str(held)
+    assert (held / "README.md").read_text() == card and "failed qsweep's quality gates" in card
+    assert "max_kl_mean" in receipt["gated"] and not list(held.glob("*.safetensors"))
+    key = receipt["card"]
+    params = publish_params("tiny", measured[2], BUILTINS["qx86-hi"], gates=STRICT)
+    assert publish.delivered(store, key, params, dest)  # held back is its delivery: done, nothing to redo
+    assert not publish.delivered(store, key, params, dest, allow_gated=True)
+
+
+def test_a_gated_cell_goes_out_only_when_allowed_with_its_banner(measured, store, tmp_path, hub):
+    dest = tmp_path / "export"
+    card, receipt = run_publish(store, measured, dest, gates=STRICT, repo_id="alice/tiny-qx86-hi-mlx")
+    assert "alice/tiny-qx86-hi-mlx" not in hub.hosted and receipt["uploaded"] is None  # never uploaded
+    _, refs, resolved = measured
+    params = publish_params("tiny", resolved, BUILTINS["qx86-hi"], gates=STRICT, repo_id="alice/tiny-qx86-hi-mlx")
+    card_ref, receipt = publish.publish(store, params, refs["qx86-hi"], dest, allow_gated=True)
+    assert receipt["uploaded"]["repo"] == "alice/tiny-qx86-hi-mlx" and not (store.root / "gated" / "export").exists()
+    assert "failed qsweep's quality gates" in hub.contents("alice/tiny-qx86-hi-mlx")["README.md"].decode()
+    text, plan, failed = publish.dry_run(store, params, refs["qx86-hi"])
+    assert [g["gate"] for g in failed] == ["max_kl_mean"]
 
 
 # --- the hub --------------------------------------------------------------------------------------
@@ -131,7 +165,7 @@ def test_republishing_sends_nothing_and_a_new_sibling_sends_only_the_card(measur
     assert receipt["uploaded"]["operations"][0].startswith("nothing to send")
 
     with MetricStore(store.metrics_db).connect() as con:  # as if a sibling had finished since
-        con.execute("UPDATE metrics SET value = value / 2 WHERE recipe = 'q4' AND metric = 'acc'")
+        con.execute("UPDATE metrics SET value = 1 - value WHERE recipe = 'q4' AND metric = 'acc'")
     run_publish(store, measured, tmp_path / "export", repo_id=repo)
     assert len(hub.commits[repo]) == 2
     assert hub.commits[repo][1]["operations"] == [("add", "README.md")]
@@ -183,7 +217,7 @@ def test_an_unreachable_hub_fails_clearly_and_publish_tries_again(measured, stor
     assert "not reachable" in str(err.value) and TOKEN not in str(err.value) and err.value.__cause__ is None
     key = next((store.root / "artifacts" / "publish").iterdir()).name  # the card itself is fine
     params = publish_params("tiny", measured[2], BUILTINS["qx86-hi"], repo_id="me/tiny-qx86-hi-mlx")
-    assert not publish.delivered(key, params, dest)  # so the next run tries again
+    assert not publish.delivered(store, key, params, dest)  # so the next run tries again
     assert leaked(TOKEN, store.root, tmp_path) == []
 
 
@@ -192,7 +226,8 @@ def test_dry_run_lists_the_operations_without_a_token_and_sends_nothing(measured
     requests_before = len(hub.requests)
     _, refs, resolved = measured
     params = publish_params("tiny", resolved, BUILTINS["qx86-hi"], repo_id="alice/new-repo")
-    text, plan = publish.dry_run(store, params, refs["qx86-hi"])
+    text, plan, failed = publish.dry_run(store, params, refs["qx86-hi"])
+    assert failed == []
     ops = plan.operations()
     assert ops[0] == "create_repo alice/new-repo (private)"
     files = {p.name for p in store.path(refs["qx86-hi"]["quantize"]).iterdir() if p.name != MANIFEST} | {"README.md"}
@@ -204,7 +239,7 @@ def test_dry_run_lists_the_operations_without_a_token_and_sends_nothing(measured
     assert text.startswith("---\n")
 
     hub.add_repo("alice/new-repo", {"README.md": text})  # a repo holding this very card
-    _, plan = publish.dry_run(store, params, refs["qx86-hi"])
+    _, plan, _ = publish.dry_run(store, params, refs["qx86-hi"])
     assert "README.md" in plan.unchanged and not plan.create
 
 
@@ -215,5 +250,5 @@ def test_dry_run_with_the_hub_unreachable_plans_for_a_new_repo_and_says_so(measu
     monkeypatch.setattr(constants, "ENDPOINT", closed)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     _, refs, resolved = measured
-    _, plan = publish.dry_run(store, publish_params("tiny", resolved, BUILTINS["q4"], repo_id="me/q4"), refs["q4"])
+    _, plan, _ = publish.dry_run(store, publish_params("tiny", resolved, BUILTINS["q4"], repo_id="me/q4"), refs["q4"])
     assert plan.create and "not reachable" in plan.note and plan.operations()[0] == "create_repo me/q4 (private)"

@@ -109,11 +109,13 @@ def test_html_is_one_self_contained_file_with_the_table_and_plots(html_report):
     for recipe, acc in [("bf16", ACC["bf16"]), ("q8", ACC["q8"]), ("q4", Q4_RUN2)]:
         row = re.search(rf"<tr><td>{recipe}</td>(.*?)</tr>", table).group(1)
         cells = re.findall(r"<td>(.*?)</td>", row)
-        assert f"{acc['arc_easy']:.3f}" in cells and f"{acc['boolq']:.3f}" in cells
+        assert f"{acc['arc_easy']:.3f} ±0.020" in cells and f"{acc['boolq']:.3f} ±0.020" in cells  # with its stderr
         assert f"{(acc['arc_easy'] + acc['boolq']) / 2:.3f}" in cells  # mean acc
         assert f"{BITS[recipe]:.2f}" in cells
     assert "0.372" not in table  # q4's run-1 accuracy is history, not the current value
     assert "org/tiny model" in html_report and "mlx-lm 0.0.2" in html_report and "2 runs" in html_report
+    assert "arc_easy: 100 questions" in html_report  # how it was measured
+    assert "quality gates" not in table  # no card has failed a gate here
 
 
 def test_md_references_png_files_that_exist(store, html_report, tmp_path):

@@ -136,7 +136,8 @@ def runs(service, tiny_model, tmp_path_factory):
     sweep.write_text(yaml.safe_dump({
         "name": "svc", "models": [{"name": "tiny", "source": str(tiny_model)}], "recipes": RECIPES,
         "smoke": {"max_tokens": 8}, "benchmark": {"tasks": ["qsweep_demo_mc"], "limit": 8},
-        "fidelity": {"enabled": False}, "concurrency": {"cells": 3, "model_slots": 1},
+        "fidelity": {"enabled": False}, "gates": {"max_kl_mean": None, "max_ppl_ratio": None},
+        "concurrency": {"cells": 3, "model_slots": 1},
     }))
     params = {"sweep_file": str(sweep), "store": str(tmp / "store")}
     first = service.trigger("sweep/demo-nightly", params)

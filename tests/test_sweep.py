@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from cli_runs import RECIPES, artifact_dirs, qsweep, rows, stages_of_last_run, write_sweep
 
 
@@ -134,7 +135,8 @@ def test_a_failing_cell_and_a_hub_refusal_lose_nothing_and_publish_retries_alone
     (custom / "modeling_custom.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('ran')\n")
     good, wrong = "hf_qsweepTESTsecret0123456789", "hf_qsweepWRONGsecret987654321"
     sweep = write_sweep(tmp_path / "sweep.yaml", {"tiny": tiny_model, "broken": broken, "custom": custom}, recipes=["q4"],
-                        publish={"repo": "alice/{model}-{recipe}-mlx"}, fidelity={"enabled": False})
+                        publish={"repo": "alice/{model}-{recipe}-mlx"}, fidelity={"enabled": False},
+                        gates={"max_kl_mean": None, "max_ppl_ratio": None})  # no fidelity stage, so no gates on it
     store, home = tmp_path / "store", tmp_path / "prefect"
     with FakeHub(tokens={good: "alice"}) as hub:
         env = {**hub.env(), "HF_XET_LOG_DEST": str(tmp_path / "xet"), "HF_HOME": str(tmp_path / "hf")}
@@ -167,10 +169,13 @@ def test_a_failing_cell_and_a_hub_refusal_lose_nothing_and_publish_retries_alone
 
 
 def test_cards_report_and_dry_run_from_the_finished_store(finished, tmp_path, capsys):
-    """Cards, report and dry-run read the store alone: no model is loaded, no hub needed."""
+    """Cards, report and dry-run read the store alone: no model is loaded, no hub needed, and the metric
+    history is not touched (byte for byte), whatever they are asked."""
     from flows.cli import main
 
     store, sweep, *_ = finished
+    history = (store / "metrics.duckdb").read_bytes()
+    assert main(["--store", str(store), "compare", "--alpha", "0.01"]) == 0
     assert main(["--store", str(store), "cards", "--out", str(tmp_path / "cards")]) == 0
     for recipe in RECIPES:  # the same facts give the same card as the sweep published
         card = tmp_path / "cards" / f"tiny-{recipe}-mlx" / "README.md"
@@ -182,6 +187,45 @@ def test_cards_report_and_dry_run_from_the_finished_store(finished, tmp_path, ca
     assert main(["--store", str(store), "publish", str(sweep), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "tiny/qx86-hi:" in out and "no hub repo in the sweep file" in out
+    assert main(["--store", str(store), "status"]) == 0
+    assert main(["--store", str(store), "sql", "SELECT count(*) FROM metrics"]) == 0
+    assert (store / "metrics.duckdb").read_bytes() == history
+    assert not list(store.glob("*.wal")) and not (store / "cards").exists()
+
+
+def test_a_cell_that_fails_a_gate_is_held_back_until_forced(finished, tmp_path, capsys):
+    """Publishing the measured cells again under a gate that q4 fails: q4's card says so and goes to
+    <store>/gated/, its export is removed, status and report show it; --force-gated lets it out."""
+    from flows.cli import main
+
+    store = Path(shutil.copytree(finished[0], tmp_path / "store"))
+    sweep = yaml.safe_load(finished[1].read_text())
+    kl = dict(rows(store, "SELECT recipe, value FROM latest_metrics WHERE stage = 'fidelity' AND metric = 'kl_mean'"))
+    strict = tmp_path / "strict.yaml"  # a limit between q4's KL and the others'
+    strict.write_text(yaml.safe_dump({**sweep, "gates": {"max_kl_mean": (kl["q4"] + max(kl["bf16"], kl["qx86-hi"])) / 2}}))
+    assert kl["q4"] > max(kl["bf16"], kl["qx86-hi"])
+    done = qsweep(store, "publish", strict, prefect_home=tmp_path / "prefect")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tiny/q4: held back by its quality gates (max_kl_mean:" in done.stdout
+    assert not (store / "published" / "tiny-q4-mlx").exists() and (store / "published" / "tiny-bf16-mlx").exists()
+    card = (store / "gated" / "tiny-q4-mlx" / "README.md").read_text()
+    assert "failed qsweep's quality gates" in card and "mean KL divergence from the base" in card
+    assert rows(store, "SELECT recipe, gate FROM latest_gates WHERE NOT passed") == [("q4", "max_kl_mean")]
+
+    capsys.readouterr()
+    main(["--store", str(store), "status"])
+    out = capsys.readouterr().out
+    q4 = next(line for line in out.splitlines() if line.startswith("tiny   q4"))
+    assert q4.split()[-1] == "gated" and "tiny/q4 failed its quality gates: max_kl_mean" in out
+    assert main(["--store", str(store), "report", "--out", str(tmp_path / "report"), "--format", "md"]) == 0
+    assert "failed: max_kl_mean" in (tmp_path / "report" / "report.md").read_text()
+    assert main(["--store", str(store), "publish", str(strict), "--dry-run"]) == 0
+    assert "tiny/q4:\n  held back by its quality gates" in capsys.readouterr().out
+
+    forced = qsweep(store, "publish", strict, "--force-gated", prefect_home=tmp_path / "prefect")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert (store / "published" / "tiny-q4-mlx" / "README.md").read_text() == card  # the same card, banner and all
+    assert not (store / "gated" / "tiny-q4-mlx").exists()
 
 
 PREFECT_ARTIFACTS = """
