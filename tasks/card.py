@@ -519,6 +519,10 @@ def _fidelity_table(f: CardFacts) -> list[str]:
     rows = [[_label(f, r), *[_fmt(fid.get(r, {}).get(c[0]), c[2]) for c in cols],
              *[_fmt(run.get(r, {}).get(c[0]), c[2]) for c in speed]]
             + ([] if how or not hows else [f.runtime["how"].get(r, "")]) for r in order]
+    if f.fidelity.get("corpus"):  # the row every other is measured against, named for what it is
+        reference = {"ppl": f.fidelity["base_ppl"], "ppl_ratio": 1.0}
+        rows.insert(0, [f"reference: {f.fidelity['reference']}", *[_fmt(reference.get(c[0]), c[2]) for c in cols],
+                        *["" for _ in speed]] + ([] if how or not hows else [""]))
     return lines + _table(header, rows) + [""]
 
 

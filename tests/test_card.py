@@ -104,11 +104,13 @@ def test_card_shows_plan_size_and_every_sibling_beside_this_variant(measured):
     assert "Tango score interval" in text and "after Holm's adjustment across the 2 differences" in text
 
     fidelity = table_after(text, "Perplexity and KL")
-    assert [r[0] for r in fidelity[2:]] == ["bf16", "**qx86-hi (this model)**", "q4"]
+    assert [r[0] for r in fidelity[2:]] == ["reference: the base model (bfloat16 weights as stored) run in float32",
+                                            "bf16", "**qx86-hi (this model)**", "q4"]
+    assert fidelity[2][2] == "1.0000" and fidelity[2][3] == ""  # the reference against itself: no KL to show
     # the reference is named for what it is, and so is bf16
     assert "from the reference, the base model (bfloat16 weights as stored) run in float32" in text
     assert "`bf16` is the base's own bfloat16 weights" in text
-    kl = {r[0].strip("*").split(" (")[0]: float(r[3]) for r in fidelity[2:]}
+    kl = {r[0].strip("*").split(" (")[0]: float(r[3]) for r in fidelity[3:]}
     assert kl["bf16"] <= kl["qx86-hi"] < kl["q4"]
     assert 'load("tiny-qx86-hi-mlx")' in text and "apply_chat_template" in text and "pip install mlx-lm" in text
 
