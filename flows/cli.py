@@ -77,13 +77,14 @@ def cmd_status(args) -> int:
     run_id, name, status, started, finished, cells = runs[0]
     _, stages = db.query("SELECT model, recipe, stage, status, cached, seconds, error FROM stages WHERE run_id = ?", [run_id])
     done = {(m, r, s): ("cached" if c else st, sec, err) for m, r, s, st, c, sec, err in stages}
-    held = {cell: describe(failed) for cell, failed in db.failed_gates().items()}
-    for (m, r) in held:  # measured and carded, but its card says it failed a gate: not let out
-        if (m, r, "publish") in done:
+    cells = json.loads(cells)
+    ran = {(c["model"], c["recipe"]) for c in cells}
+    held = {cell: describe(failed) for cell, failed in db.failed_gates().items() if cell in ran}
+    for (m, r) in held:  # carded, and the card says it failed a gate
+        if done.get((m, r, "publish"), ("",))[0] in ("done", "cached"):
             done[m, r, "publish"] = ("gated", *done[m, r, "publish"][1:])
     print(f"sweep {name}  run {run_id}  {status}  started {started:%Y-%m-%d %H:%M:%S}"
           + (f"  took {(finished - started).total_seconds():.1f}s" if finished else ""))
-    cells = json.loads(cells)
     if all("stages" in c for c in cells):  # a run of some stages only, e.g. `qsweep publish`
         shown = [s for s in STAGES if any(s in c["stages"] for c in cells)]
     else:
@@ -95,8 +96,8 @@ def cmd_status(args) -> int:
     for m, r, s, e in errors:
         print(f"\n{m}/{r} {s} failed: {e}")
     for (m, r), why in held.items():
-        print(f"\n{m}/{r} failed its quality gates: {why}; held back from export and upload unless "
-              "let out by gates.allow in the sweep file or `qsweep publish --force-gated`")
+        print(f"\n{m}/{r} failed its quality gates: {why}. A gated cell is held back from export and upload "
+              "unless gates.allow in the sweep file or `qsweep publish --force-gated` lets it out")
     try:
         _, events = db.query("SELECT kind, stage, detail FROM events WHERE happened >= ? ORDER BY happened", [started])
     except Exception as e:  # a store last written before qsweep kept events

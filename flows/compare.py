@@ -11,16 +11,21 @@ from tasks.compare import Comparison, compare
 
 
 def compare_recipes(store: str, base: str, alpha: float = 0.05) -> dict[str, list[Comparison]]:
-    """model -> comparisons of its recipes against `base`; reads the store, writes nothing."""
+    """model -> comparisons of its recipes against `base`; reads the store, writes nothing.
+
+    A recipe is compared on a task only where it was measured as the base was (same data and sample,
+    backend and number of questions): two random samples of a task share few questions, if any."""
+    db = MetricStore(Store(store).metrics_db)
+    _, rows = db.query("SELECT model, recipe, task, data, backend, n FROM latest_metrics "
+                       "WHERE stage = 'benchmark' AND metric = 'acc'")
+    how = {(m, r, t): (data, backend, n) for m, r, t, data, backend, n in rows}
     by_model: dict[str, list[dict]] = {}
-    for row in MetricStore(Store(store).metrics_db).latest_samples():
-        by_model.setdefault(row["model"], []).append(row)
-    out = {}
-    for model, samples in by_model.items():
-        tasks_with_base = {s["task"] for s in samples if s["recipe"] == base}
-        if tasks_with_base:
-            out[model] = compare([s for s in samples if s["task"] in tasks_with_base], base, alpha=alpha)
-    return out
+    for s in db.latest_samples():
+        measured = how.get((s["model"], s["recipe"], s["task"]))
+        if measured is not None and measured == how.get((s["model"], base, s["task"])):
+            by_model.setdefault(s["model"], []).append(s)
+    return {model: compare(samples, base, alpha=alpha) for model, samples in by_model.items()
+            if any(s["recipe"] == base for s in samples)}
 
 
 def record_comparisons(store: str, base: str) -> None:

@@ -43,9 +43,9 @@ class ModelSpec(Strict):
 class SmokeSpec(Strict):
     prompt: str = "What is the capital of France? Answer in one sentence."
     max_tokens: int = Field(48, ge=1, le=4096)
-    # native: speed and memory of the weights as users run them (mlx's quantized kernels; slow on a CPU, but true);
-    # fp32 (or auto on a CPU): the dequantized weights, faster here, and the card says so
-    backend: Literal["auto", "native", "fp32"] = "native"
+    # auto: native kernels on a GPU (the weights as users run them), the weights dequantized to fp32 on a CPU,
+    # where mlx's quantized kernels with float16 scales run ~25x slower than fp32; rows and cards say which
+    backend: Literal["auto", "native", "fp32"] = "auto"
 
     @field_validator("prompt")
     @classmethod
@@ -70,7 +70,7 @@ class FidelitySpec(Strict):
     """Perplexity and KL divergence against the base model on a text corpus (tasks/fidelity.py)."""
     enabled: bool = True
     corpus: str = "qsweep:data/hamlet.txt"  # a text file; qsweep:... names one that ships with qsweep
-    window: int = Field(512, ge=16)  # tokens per window; the second half of each is scored
+    window: int = Field(512, ge=16)  # tokens per window; its second half is scored, as llama-perplexity does
     windows: int = Field(12, ge=1)
     top_k: int = Field(4096, ge=1, le=262144)  # base log-probs kept per position, plus the rest's mass
     backend: Literal["auto", "native", "fp32"] = "auto"

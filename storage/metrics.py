@@ -137,6 +137,19 @@ SELECT g.* FROM gates g JOIN latest l USING (model, recipe) WHERE g.artifact_key
 """
 
 
+# How every read-only connection opens the store (DuckDB 2.0): read_only=True alone does not stop
+# COPY TO, read_csv('/any/file'), ATTACH ... (READ_WRITE) or EXPORT DATABASE.
+SANDBOX = {
+    "enable_external_access": False,        # no file but the store's own: COPY, readers, ATTACH, EXPORT, INSTALL, LOAD
+    "autoinstall_known_extensions": False,  # a query naming an extension's function neither fetches it
+    "autoload_known_extensions": False,     # nor loads one installed in ~/.duckdb
+    "allow_community_extensions": False,
+    "allow_persistent_secrets": False,      # no credentials read from or written to ~/.duckdb/stored_secrets
+    "lock_configuration": True,             # and no SET, RESET, PRAGMA or CALL can change any setting afterwards
+}
+ALLOWED = "SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN"
+
+
 _turns = threading.RLock()  # one connection at a time per process: DuckDB refuses a second with other settings
 _schema_ready: set[str] = set()
 
@@ -299,19 +312,6 @@ class MetricStore:
             detail = str(e).splitlines()[0]
             raise ReadRefused(f"{_culprit(str(e))} reads files: not allowed, qsweep sql reads only the store's tables "
                               f"({detail})") from None
-
-
-# How every read-only connection opens the store (DuckDB 2.0): read_only=True alone does not stop
-# COPY TO, read_csv('/any/file'), ATTACH ... (READ_WRITE) or EXPORT DATABASE.
-SANDBOX = {
-    "enable_external_access": False,        # no file but the store's own: COPY, readers, ATTACH, EXPORT, INSTALL, LOAD
-    "autoinstall_known_extensions": False,  # a query naming an extension's function neither fetches it
-    "autoload_known_extensions": False,     # nor loads one installed in ~/.duckdb
-    "allow_community_extensions": False,
-    "allow_persistent_secrets": False,      # no credentials read from or written to ~/.duckdb/stored_secrets
-    "lock_configuration": True,             # and no SET, RESET, PRAGMA or CALL can change any setting afterwards
-}
-ALLOWED = "SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN"
 
 
 class ReadRefused(Exception):

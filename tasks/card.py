@@ -192,9 +192,10 @@ def _latest_rows(store: Store, model: str) -> dict:
     db = MetricStore(store.metrics_db)
     if not db.path.exists():
         return {}
-    cols, rows = db.query("SELECT recipe, stage, task, metric, value, stderr, n, data, backend, device FROM latest_metrics "
-                          "WHERE model = ? AND stage IN ('quantize', 'benchmark', 'fidelity', 'smoke')", [model])
-    return {(r[0], r[1], r[2], r[3]): dict(zip(cols, r)) for r in rows}
+    # every column: a store last written by an older qsweep has no `device` yet (read-only: no schema update)
+    cols, rows = db.query("SELECT * FROM latest_metrics WHERE model = ? AND stage IN ('quantize', 'benchmark', "
+                          "'fidelity', 'smoke')", [model])
+    return {(r["recipe"], r["stage"], r["task"], r["metric"]): r for r in (dict(zip(cols, row)) for row in rows)}
 
 
 def _diffs(store: Store, model: str, recipe: str, own: list[dict], table: list[dict]) -> list[dict]:
@@ -370,8 +371,8 @@ def _banner(f: CardFacts) -> list[str]:
     failed = quality.failed(f.gates)
     if not failed:
         return []
-    return ["> **This variant failed qsweep's quality gates.** qsweep does not publish a variant that fails a gate; "
-            "this card records what was measured.", ">",
+    return ["> **This variant failed qsweep's quality gates.** qsweep holds back a variant that fails a gate unless "
+            "its author lets it out; this card records what was measured.", ">",
             *[f"> - {g['what']}: **{g['measured']}** (required: {g['requirement']})" for g in failed], ""]
 
 
@@ -479,7 +480,9 @@ def _diff_table(f: CardFacts) -> list[str]:
 
 
 def _bf16_is(f: CardFacts) -> str:
-    return "the base's weights cast to bfloat16" if f.base.get("dtype") != "bfloat16" else "the base's own bfloat16 weights"
+    dtype = f.base.get("dtype")
+    return ("the base's own bfloat16 weights" if dtype == "bfloat16" else
+            f"the base's {dtype} weights cast to bfloat16" if dtype else "the base's weights in bfloat16")
 
 
 def _others_table(f: CardFacts) -> list[str]:
@@ -509,12 +512,15 @@ def _fidelity_table(f: CardFacts) -> list[str]:
         lines += [f"Perplexity and KL divergence of each variant's next-token distribution from the reference, "
                   f"{f.fidelity['reference']}, on {f.fidelity['corpus']}"
                   + (f" ({f.fidelity['tokens']} scored tokens)" if f.fidelity.get("tokens") else "")
-                  + f"; lower is closer. The reference's own perplexity there is {_fmt(f.fidelity['base_ppl'])}. "
-                  f"`{BASE_RECIPE}` is {_bf16_is(f)}." , ""]
+                  + f"; lower is closer. The reference's own perplexity there is {_fmt(f.fidelity['base_ppl'])}."
+                  + (f" `{BASE_RECIPE}` is {_bf16_is(f)}." if BASE_RECIPE in order else ""), ""]
     how = hows[0] if len(hows) == 1 else None
     lines += ["Tokens/s and peak memory: the smoke test's greedy generation"
               + (f" ({how})" if how else ", measured as the last column says")
-              + ", one model at a time, on the machine that ran the sweep.", ""]
+              + ", one model at a time, on the machine that ran the sweep."
+              + (" Dequantized, the weights take 4 bytes each: peak memory counts those, not the quantized weights "
+                 "(their size is the size on disk above), and tokens/s is not what mlx's quantized kernels give."
+                 if any("float32" in h for h in hows) else ""), ""]
     header = ["recipe", *[c[1] for c in cols], *[c[1] for c in speed]] + ([] if how or not hows else ["measured with"])
     rows = [[_label(f, r), *[_fmt(fid.get(r, {}).get(c[0]), c[2]) for c in cols],
              *[_fmt(run.get(r, {}).get(c[0]), c[2]) for c in speed]]

@@ -36,5 +36,5 @@ def failed(results: list[dict]) -> list[dict]:
 
 
 def describe(results: list[dict]) -> str:
-    """The failed gates in one line: 'max_kl_mean: 14.8 (at most 1); smoke: not_language (ok)'."""
+    """The failed gates in one line: 'smoke: not_language (required: ok); max_kl_mean: 14.8 (required: at most 1)'."""
     return "; ".join(f"{g['gate']}: {g['measured']} (required: {g['requirement']})" for g in failed(results))

@@ -59,10 +59,12 @@ class Plan:
         return [p for p in self.layers if p.source == "fallback"]
 
     def tied_rules(self) -> list[int]:
-        """Rules written for lm_head where the model ties lm_head to its embedding: nothing to apply to."""
+        """Rules written for lm_head where the model ties lm_head to its embedding: they select nothing,
+        since there is no lm_head to apply to (a rule that selects other modules too is not one)."""
         if self.tied is None:
             return []
-        return [i for i, r in enumerate(self.recipe.rules) if r.layers is None and re.search(r.match, "lm_head")]
+        return [i for i in self.unmatched_rules()
+                if self.recipe.rules[i].layers is None and re.search(self.recipe.rules[i].match, "lm_head")]
 
     def unmatched_rules(self) -> list[int]:
         """Rules that select no module of this model: usually a typo in the regex."""

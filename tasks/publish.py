@@ -199,10 +199,14 @@ def hold_back(store: Store, card: ArtifactRef, dest: Path) -> dict:
     held = held_at(store, dest)
     held.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(store.path(card) / "README.md", held / "README.md")
+    earlier = _receipt(dest)
     if (dest / RECEIPT).exists():  # only a folder qsweep exported
         shutil.rmtree(dest)
     receipt = {"card": card.key, "exported_to": None, "uploaded": None, "held_at": str(held),
                "gated": describe(gated(store, card))}
+    if (earlier.get("uploaded") or {}).get("repo"):  # qsweep deletes nothing on the hub: say what stays there
+        receipt["note"] = (f"an earlier upload of this cell is still on the hub at {earlier['uploaded']['repo']}, "
+                           "with a card from before it failed; remove or update it there")
     (held / RECEIPT).write_text(json.dumps(receipt, indent=2))
     return receipt
 
@@ -290,8 +294,9 @@ def publish_task(store: str, params: dict, inputs: list[ArtifactRef], dest: str,
     receipt = deliver(artifacts, card, quantized, params, Path(dest), allow_gated)
     log = get_run_logger()
     if receipt.get("held_at"):
-        log.warning("%s/%s held back by its quality gates (%s): not exported or uploaded; its card is in %s",
-                    params["model"], params["recipe"]["name"], receipt["gated"], receipt["held_at"])
+        log.warning("%s/%s held back by its quality gates (%s): not exported or uploaded; its card is in %s%s",
+                    params["model"], params["recipe"]["name"], receipt["gated"], receipt["held_at"],
+                    f". Note: {receipt['note']}" if receipt.get("note") else "")
     else:
         log.info("published to %s%s", receipt["exported_to"],
                  f" and {receipt['uploaded']['repo']}" if receipt["uploaded"] else "")

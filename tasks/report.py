@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from tasks.gates import describe
+
 FORMATS = ("html", "md")
 DPI = 100
 FONT = 8  # point size of the recipe labels
@@ -86,8 +88,6 @@ def load_latest(db) -> dict[str, list[Row]]:
                 row.stderr[task] = stderr
         elif task in ("model", "fidelity", "smoke"):
             row.values[(stage, metric)] = value
-    from tasks.gates import describe
-
     for (model, recipe), failed in db.failed_gates().items():
         if recipe in models.get(model, {}):
             models[model][recipe].gated = describe(failed)

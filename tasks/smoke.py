@@ -34,13 +34,13 @@ whether quantizing broke the model, not whether the base is any good.
 Without a base (base_dir None) there is no language check: the verdict comes from the
 other checks and smoke.json says `"language_checked": false`.
 
-Speed and peak memory come from the weights as a user runs them: mlx's native
-quantized kernels by default (slow on a CPU, but the truth; `backend: fp32` runs
-the dequantized weights instead, and the rows say which, and on which device). Peak
-memory covers loading the model and generating the answer: what mlx_lm's own
-`generate` reports, and what a machine needs to run the model (the weights stay
-resident, so it is the weights plus a few MB of cache and activations: q8 of the demo
-model, 0.143 GB of weights, peaks at 0.150). The base's pass comes after and is not counted.
+Speed and peak memory come from the backend the sweep resolved (`smoke.backend`, auto: mlx's
+native quantized kernels on a GPU, the weights as a user runs them; the same weights dequantized to
+fp32 on a CPU, where the quantized kernels with float16 scales run ~25x slower than fp32), and the
+rows say which, on which device. Peak memory covers loading the model and generating the answer:
+what mlx_lm's own `generate` reports (natively, the weights plus a few MB: q8 of the demo model,
+0.143 GB of weights, peaks at 0.150; dequantized, 4 bytes a weight). The base's pass comes after
+and is not counted.
 """
 
 import json
@@ -159,7 +159,7 @@ def smoke(model_dir: Path, params: dict, out: Path, base_dir: Path | None = None
     mx.clear_cache()
 
     language = base_judgement(base_dir, params["prompt"], tokens, params["max_tokens"]) if base_dir else {}
-    judged = verdict(tokens, text, stopped=eos and not tokens,
+    judged = verdict(tokens, text, stopped=eos,
                      nll=language.get("answer_nll"), base_nll=language.get("base_answer_nll"))
     (out / "smoke.json").write_text(json.dumps({
         "prompt": params["prompt"], "chat_template": chat, "text": text, "tokens": tokens, "eos": eos,

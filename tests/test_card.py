@@ -195,3 +195,21 @@ def test_the_authors_notes_and_other_models_cells_are_on_the_card(measured, tmp_
     cell = beside[2][2]
     assert cell.startswith(f"{q4:.3f} (this model ") and "," in cell
     assert facts.digest() != facts_for(store, refs, resolved).digest()
+
+
+def test_a_store_written_by_an_older_qsweep_still_gives_cards_report_and_comparisons(measured, tmp_path):
+    """Read-only commands do not update the schema: a store without the newer columns, tables and views
+    (device, gates, latest_gates) must still be read."""
+    from flows.cli import main
+
+    store, refs, resolved = measured
+    old = Store(shutil.copytree(store.root, tmp_path / "store"))
+    with MetricStore(old.metrics_db).connect() as con:
+        con.execute("DROP VIEW latest_gates; DROP TABLE gates; ALTER TABLE metrics DROP COLUMN device")
+    import storage.metrics
+    storage.metrics._schema_ready.discard(str(old.metrics_db))  # as a fresh process would see it
+    before = old.metrics_db.read_bytes()
+    assert cards.render(facts_for(old, refs, resolved))
+    assert main(["--store", str(old.root), "report", "--out", str(tmp_path / "report"), "--format", "md"]) == 0
+    assert main(["--store", str(old.root), "compare"]) == 0
+    assert old.metrics_db.read_bytes() == before

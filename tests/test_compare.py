@@ -236,3 +236,23 @@ def test_format_marks_significant_rows_and_explains_the_adjustment():
     assert "Holm-adjusted McNemar p < 0.05 across all 4 comparisons" in text and "multiple comparisons" in text
     assert "by chance alone" not in text
     assert "at most 0.05" in format_comparisons(result) and "at most 0.01" in format_comparisons(result, alpha=0.01)
+
+
+def test_recipes_measured_on_other_questions_are_not_compared(tmp_path):
+    """flows.compare reads the store: a recipe benchmarked on another sample (another seed, or the first
+    questions by an older qsweep) shares few questions with the base, if any; it is left out, not paired."""
+    from flows.compare import compare_recipes
+    from storage.metrics import MetricStore
+
+    db = MetricStore(tmp_path / "metrics.duckdb")
+    same, other = "arc; 40 random documents of 1172 (seed 0)", "arc; 40 random documents of 1172 (seed 1)"
+    for recipe, data, start in (("bf16", same, 0), ("q4", same, 0), ("q2", other, 500)):
+        key = f"bench-{recipe}"
+        db.record_stage("run", "m", recipe, "benchmark", key, "done", False, 1.0)
+        db.record_metrics("run", "m", recipe, "benchmark", key, [
+            {"task": "arc", "metric": "acc", "value": 0.5, "n": 40, "backend": "fp32", "data": data}])
+        db.record_samples("m", recipe, key, [
+            {"task": "arc", "doc_id": start + i, "target": 0, "chosen": i % 2, "correct": i % 2 == 0,
+             "correct_norm": None, "logliks": [0.0, 0.0]} for i in range(40)])
+    [c] = compare_recipes(str(tmp_path), "bf16")["m"]
+    assert (c.recipe, c.n) == ("q4", 40)
