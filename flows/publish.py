@@ -23,7 +23,7 @@ from storage.metrics import MetricStore
 from tasks import card as cards
 from tasks import gates
 from tasks.compare import BASE_RECIPE
-from tasks.publish import card_inputs, card_params, dry_run, held_at, publish_task
+from tasks.publish import card_inputs, card_params, dry_run, held, held_at, publish_task
 from tasks.recipes import BUILTINS
 
 
@@ -45,10 +45,10 @@ def publish_cell(store: str, run_id: str, model: str, recipe: str, refs: dict, s
     text = (artifacts.path(card) / "README.md").read_text()
     create_markdown_artifact(key=slug("card", model, recipe), markdown=_body(text),
                              description=f"model card of {model} quantized with {recipe}")
-    held = gates.failed(facts.gates) and not allow
+    kept_back = held(artifacts, card, allow)  # the same decision the publish task's delivery made
     return {"model": model, "recipe": recipe, "card": card.key, "gated": gates.describe(facts.gates),
-            "exported_to": None if held else settings["export_to"],
-            "held_at": str(held_at(artifacts, Path(settings["export_to"]))) if held else None}
+            "exported_to": None if kept_back else settings["export_to"],
+            "held_at": str(held_at(artifacts, Path(settings["export_to"]))) if kept_back else None}
 
 
 def publish_tagged(store: str, run_id: str, cell: dict, refs: dict, force_gated: bool = False):

@@ -24,6 +24,7 @@ from storage.metrics import MetricStore
 from tasks import gates as quality
 from tasks.compare import BASE_RECIPE, INTERVAL_METHOD, compare
 from tasks.offline_tasks import OFFLINE
+from tasks.quantize import float_dtype, stored_dtypes
 
 # What the hub's model-index says of each benchmark: (dataset id, config, display name, short name).
 DATASETS = {
@@ -105,7 +106,7 @@ def gather(store: Store, params: dict, refs: dict[str, ArtifactRef]) -> CardFact
     about = manifests.get("download", {}).get("info", {}).get("about", {})
     source = params["source"]
     base = {**source, "base_model": about.get("base_model") or (source.get("repo") if source.get("kind") == "hf" else None),
-            "dtype": _stored_dtype(store.path(refs["download"]))}
+            "dtype": float_dtype(stored_dtypes(store.path(refs["download"])))}  # as written, from the headers
 
     # Siblings: the same model through other recipes, measured the same way (same data and sample, backend and n).
     same_way = {(r["task"], r.get("data"), r.get("backend"), r.get("n")) for r in own_bench}
@@ -223,15 +224,6 @@ def _other(store: Store, cell: dict, own: list[dict], same_way: set) -> dict:
     mine = [s for s in own if s["task"] in acc]
     diffs = {c.task: asdict(c) for c in compare(theirs + mine, label, alpha=ALPHA)} if theirs and mine else {}
     return {"model": cell["model"], "recipe": cell["recipe"], "acc": acc, "diffs": diffs}
-
-
-def _stored_dtype(model_dir: Path) -> str | None:
-    """The float dtype a model's config says its weights are stored in."""
-    try:
-        config = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return config.get("torch_dtype") or config.get("dtype") or (config.get("text_config") or {}).get("dtype")
 
 
 def reference_label(base: dict, backend: str | None) -> str:

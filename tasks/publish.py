@@ -183,11 +183,16 @@ def gated(store: Store, card: ArtifactRef) -> list[dict]:
     return failed(json.loads((store.path(card) / "card.json").read_text()).get("gates", []))
 
 
+def held(store: Store, card: ArtifactRef, allow_gated: bool) -> bool:
+    """Whether this card's cell is held back: it failed a gate, and nobody let it out."""
+    return bool(gated(store, card)) and not allow_gated
+
+
 def delivered(store: Store, card_key: str, params: dict, dest: Path, allow_gated: bool = False) -> bool:
     """The export holds this card and it reached the hub if it should have; or, for a cell held back by
     its gates, the card is under <store>/gated/ and no export of the cell is left."""
     card = store.get("publish", card_key)
-    if card is not None and gated(store, card) and not allow_gated:
+    if card is not None and held(store, card, allow_gated):
         return _receipt(held_at(store, dest)).get("card") == card_key and not (dest / RECEIPT).exists()
     receipt = _receipt(dest)
     return receipt.get("card") == card_key and (receipt.get("uploaded") is not None or not wants_upload(params))
@@ -215,7 +220,7 @@ def deliver(store: Store, card: ArtifactRef, quantized: ArtifactRef, params: dic
             allow_gated: bool = False) -> dict:
     """Export the model with its card to `dest`, upload it when asked and able; return the receipt.
     A cell that failed a gate is held back instead, unless `allow_gated`."""
-    if gated(store, card) and not allow_gated:
+    if held(store, card, allow_gated):
         return hold_back(store, card, dest)
     shutil.rmtree(held_at(store, dest), ignore_errors=True)  # let out after all: no longer held
     receipt = {"card": card.key, "exported_to": str(dest), "uploaded": None}
