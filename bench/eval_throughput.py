@@ -37,8 +37,10 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx_lm.evaluate  # noqa: E402
 
-from tasks.benchmark import MLXLM, resolve_backend, task_manager_for  # noqa: E402
+from tasks.benchmark import task_manager_for  # noqa: E402
 from tasks.demo_model import make_demo_model  # noqa: E402
+from tasks.lm_adapter import MLXLM  # noqa: E402
+from tasks.loading import resolve_backend  # noqa: E402
 
 SEED = 0
 WIDE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
@@ -79,6 +81,23 @@ def record_loglikelihood(lm):
 
     lm.loglikelihood = loglikelihood
     return log
+
+
+def count_tokens(scorer) -> dict:
+    """Wrap scorer.score (on the instance) to add up the positions a request list needs: each distinct
+    context once, plus every continuation but its last token (what a packed row feeds the model)."""
+    inner, count = scorer.score, {"tokens": 0}
+
+    def score(requests):
+        contexts = {}
+        for ctx, cont in requests:
+            if cont:
+                contexts.setdefault(tuple(ctx), []).append(len(cont) - 1)
+        count["tokens"] += sum(len(ctx) + sum(extra) for ctx, extra in contexts.items())
+        return inner(requests)
+
+    scorer.score = score
+    return count
 
 
 def evaluate(lm, task: str, limit: int | None) -> dict:
@@ -122,10 +141,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or make_demo_model(Path(tmp) / "demo", seed=SEED, **(WIDE if args.wide else {}))
         ours = MLXLM(model_dir, batch_size=args.batch_size, backend=resolve_backend(args.backend))
+        fed = count_tokens(ours.scorer)
         peer = mlx_lm.evaluate.MLXLM(str(model_dir), use_chat_template=False)
-        rows = [run("qsweep tasks.benchmark.MLXLM", ours, args.task, args.limit, args.repeats),
+        rows = [run("qsweep tasks.lm_adapter.MLXLM", ours, args.task, args.limit, args.repeats),
                 run("mlx_lm.evaluate.MLXLM", peer, args.task, args.limit, args.repeats)]
-        tokens = ours.tokens_fed // (args.repeats + 1)  # every run feeds the same requests
+        tokens = fed["tokens"] // (args.repeats + 1)  # every run feeds the same requests
         params, gflops = matmul_params(ours.model), gemm_gflops()
 
     print(f"\nmodel: {args.model or ('tiny demo model' + (' (wide)' if args.wide else ''))}  "

@@ -25,9 +25,14 @@ if __name__ == "__main__":
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tasks.fidelity import DEFAULTS, _load, _passes, fidelity, reference, targets, windows  # noqa: E402
+from tasks.fidelity import _load, _passes, fidelity, reference, targets, windows  # noqa: E402
+from tasks.loading import resolve_backend  # noqa: E402
 from tasks.quantize import quantize  # noqa: E402
 from tasks.recipes import get_recipe  # noqa: E402
+from tasks.specs import FidelitySpec  # noqa: E402
+
+# The fidelity stages' parameters as a sweep resolves them from the spec's defaults.
+DEFAULTS = FidelitySpec().model_dump(exclude={"enabled"}) | {"backend": resolve_backend("auto")}
 
 
 def plain_perplexity(model_dir: Path, params: dict) -> float:

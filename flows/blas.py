@@ -21,6 +21,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from storage.settings import settings
+
 MARK = "QSWEEP_BLAS"
 # Blocks under 256 MiB come from the heap, and the heap is never trimmed: freed blocks are reused.
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
@@ -41,7 +43,7 @@ def _links(bundled: Path) -> Path:
 
 def blas_env() -> dict | None:
     """The environment that interposes OpenBLAS, or None where it does not apply."""
-    if sys.platform != "linux" or os.environ.get(MARK) in ("0", "applied"):
+    if sys.platform != "linux" or settings().blas in ("0", "applied"):
         return None
     site = Path(sysconfig.get_paths()["purelib"])
     openblas, bundled = site / "cmeel.prefix" / "lib" / "libopenblas.so.0", site / "mlx_cpu.libs"

@@ -2,127 +2,124 @@
 
 download -> quantize -> smoke -> benchmark -> (reference, fidelity) here; publish runs once
 every cell of the sweep is measured (flows/publish.py), so that each card shows all its
-siblings. Each stage is a Prefect task keyed by its artifact key; `run_recorded` records
-what each stage did (computed or cached, how long, which error) and its metric rows.
+siblings. Each stage runs as a Prefect task keyed by its artifact key (flows/stage.py);
+`Ledger` records what each stage did (computed or cached, how long, which error) and its rows.
 """
 
 import json
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 from prefect import flow
+from prefect.runtime import flow_run
 
+from flows.cells import Cell
 from storage.artifacts import ArtifactRef, Store
 from storage.metrics import MetricStore
-from tasks import benchmark, download, fidelity, quantize, remote_code, smoke
-from tasks.download import key_params, redact
-from tasks.stage import ensure_model_slots, run_stage
-
-STAGES = ("download", "quantize", "smoke", "benchmark", "reference", "fidelity", "publish")
+from storage.workspace import open_store
+from tasks import remote_code
+from tasks.download import redact
+from flows.stage import ensure_model_slots, run_stage
+from tasks.registry import STAGES
 
 
 class StageFailed(RuntimeError):
     pass
 
 
-def run_recorded(store: str, run_id: str, model: str, recipe: str, name: str, task_fn, params: dict,
-                 inputs: list[ArtifactRef], **extra) -> ArtifactRef:
-    """Run one stage's task and record it in the metric history: its outcome, metrics, plan and samples."""
-    artifacts = Store(store)
-    history = MetricStore(artifacts.metrics_db)
+@dataclass
+class Ledger:
+    """A cell's lines in the metric history for one run."""
+
+    store: Store
+    run_id: str
+    cell: Cell
+
+    @property
+    def history(self) -> MetricStore:
+        return MetricStore(self.store.metrics_db)
+
+    def stage(self, name: str, key: str | None, status: str, cached: bool, seconds: float, error: str | None = None):
+        self.history.record_stage(self.run_id, self.cell.model, self.cell.recipe, name, key, status, cached, seconds, error)
+
+    def outputs(self, ref: ArtifactRef) -> None:
+        """An artifact's rows: its metrics, plan, samples and gates, all kept in the artifact itself.
+        Rows already there stay as they are."""
+        info, (model, recipe), history = self.store.manifest(ref)["info"], (self.cell.model, self.cell.recipe), self.history
+        history.record_metrics(self.run_id, model, recipe, ref.stage, ref.key, info.get("metrics", []))
+        history.record_layers(model, recipe, ref.key, info.get("plan", []))
+        history.record_gates(model, recipe, ref.key, info.get("gates", []))  # a card's quality gates
+        samples = self.store.path(ref) / "samples.jsonl"
+        if samples.exists():
+            history.record_samples(model, recipe, ref.key, [json.loads(line) for line in samples.read_text().splitlines()])
+
+    def found(self, refs: dict) -> None:
+        """A cell that ran elsewhere (a worker on another machine, with its own metric history), recorded
+        from its artifacts as found (cached) by this run; stages this run already recorded stay."""
+        with self.history.connect() as con:
+            seen = {s for (s,) in con.execute("SELECT stage FROM stages WHERE run_id = ? AND model = ? AND recipe = ? "
+                                              "AND status = 'done'", [self.run_id, self.cell.model, self.cell.recipe]).fetchall()}
+        for name, ref in refs.items():
+            if name not in seen:
+                self.stage(name, ref.key, "done", True, 0.0)
+            self.outputs(ref)
+
+
+def run_recorded(ledger: Ledger, name: str, inputs: list[ArtifactRef], params: dict, extra: dict | None = None,
+                 then: Callable[[ArtifactRef], object] | None = None) -> ArtifactRef:
+    """Run one stage's task and record it: its outcome, metrics, plan and samples. `then(ref)` is what
+    the stage does with its artifact beyond the store (publish: deliver the card); the stage fails
+    if it does. Raises StageFailed."""
+    cell, stage = ledger.cell, STAGES[name]
     # What the Prefect UI lists and filters by: quantize:qx86-hi, download:SmolLM2-135M, tags model:/recipe:
-    shared = name in ("download", "reference")  # one artifact for every recipe of the model
-    task_fn = task_fn.with_options(task_run_name=f"{name}:{model if shared else recipe}",
-                                   tags={f"model:{model}", f"stage:{name}"} | (set() if shared else {f"recipe:{recipe}"}))
+    tags = {f"model:{cell.model}", f"stage:{name}"} | (set() if stage.shared else {f"recipe:{cell.recipe}"})
     started = time.time()
-    state = run_stage(task_fn, store=store, params=params, inputs=inputs, **extra)
-    seconds = round(time.time() - started, 3)
+    state = run_stage(stage, ledger.store, params, inputs, extra, run_name=f"{name}:{cell.model if stage.shared else cell.recipe}",
+                      tags=frozenset(tags))
     if not state.is_completed():
         error = redact(_error_text(state))
-        history.record_stage(run_id, model, recipe, name, None, "failed", False, seconds, error)
-        raise StageFailed(f"{model}/{recipe}: {name} failed: {error}")
+        ledger.stage(name, None, "failed", False, round(time.time() - started, 3), error)
+        raise StageFailed(f"{cell.name}: {name} failed: {error}")
     ref = state.result()
-    cached = ref.reused or state.name == "Cached"
-    history.record_stage(run_id, model, recipe, name, ref.key, "done", cached, seconds)
-    record_outputs(artifacts, history, run_id, model, recipe, ref)
+    ledger.outputs(ref)
+    try:
+        if then is not None:
+            then(ref)
+    except Exception as e:
+        error = redact(f"{type(e).__name__}: {e}")
+        ledger.stage(name, ref.key, "failed", False, round(time.time() - started, 3), error)
+        raise StageFailed(f"{cell.name}: {name} failed: {error}") from None
+    ledger.stage(name, ref.key, "done", ref.reused or state.name == "Cached", round(time.time() - started, 3))
     return ref
 
 
-def record_outputs(artifacts: Store, history: MetricStore, run_id: str, model: str, recipe: str, ref: ArtifactRef):
-    """An artifact's rows in the metric history: its metrics, plan, samples and gates, all kept in the
-    artifact itself. Rows already there stay as they are."""
-    info = artifacts.manifest(ref)["info"]
-    history.record_metrics(run_id, model, recipe, ref.stage, ref.key, info.get("metrics", []))
-    history.record_layers(model, recipe, ref.key, info.get("plan", []))
-    history.record_gates(model, recipe, ref.key, info.get("gates", []))  # a card's quality gates
-    samples = artifacts.path(ref) / "samples.jsonl"
-    if samples.exists():
-        history.record_samples(model, recipe, ref.key, [json.loads(line) for line in samples.read_text().splitlines()])
+def _run_name() -> str:
+    c = flow_run.parameters["cell"]
+    return f"cell:{c.model}/{c.recipe}" if isinstance(c, Cell) else f"cell:{c['model']}/{c['recipe']}"
 
 
-def record_found(artifacts: Store, run_id: str, model: str, recipe: str, refs: dict) -> None:
-    """Record a cell that ran elsewhere (a worker on another machine, with its own metric history)
-    from its artifacts, as found (cached) by this run; stages this run already recorded stay."""
-    history = MetricStore(artifacts.metrics_db)
-    with history.connect() as con:
-        seen = {s for (s,) in con.execute("SELECT stage FROM stages WHERE run_id = ? AND model = ? AND recipe = ? "
-                                          "AND status = 'done'", [run_id, model, recipe]).fetchall()}
-    for name, ref in refs.items():
-        if name not in seen:
-            history.record_stage(run_id, model, recipe, name, ref.key, "done", True, 0.0)
-        record_outputs(artifacts, history, run_id, model, recipe, ref)
-
-
-def chain(source: dict, settings: dict) -> list[tuple]:
-    """The measuring stages in order: (stage, its task, its parameters, the stages it takes as inputs, extras)."""
-    steps = [
-        ("download", download.download_task, key_params(source), [], {"resolved": source}),
-        ("quantize", quantize.quantize_task, settings["recipe"], ["download"], {}),
-        ("smoke", smoke.smoke_task, settings["smoke"], ["quantize", "download"], {}),  # the base judges the answer
-        ("benchmark", benchmark.benchmark_task, settings["benchmark"], ["quantize"], {}),
-    ]
-    if settings.get("fidelity"):
-        # the base's pass has the same key in every cell of a model: computed once, then found in the store
-        steps += [("reference", fidelity.reference_task, settings["fidelity"], ["download"], {}),
-                  ("fidelity", fidelity.fidelity_task, settings["fidelity"], ["quantize", "reference"], {})]
-    return steps
-
-
-@flow(name="cell", flow_run_name="cell:{model}/{recipe}")
-def cell(store: str, run_id: str, model: str, recipe: str, source: dict, settings: dict, model_slots: int = 1) -> dict:
-    """`settings` holds each stage's parameters, as the sweep flow prepared them; `model_slots`
-    is how many models this machine may hold at once. Returns the cell's artifacts by stage."""
+@flow(name="cell", flow_run_name=_run_name)
+def cell(store: str, run_id: str, cell: Cell, model_slots: int = 1) -> dict:
+    """`model_slots` is how many models this machine may hold at once. Returns the cell's artifacts by stage."""
     ensure_model_slots(model_slots)  # here, not in the sweep: a worker on another machine counts its own
-    trust = settings.get("trust_remote_code", False)  # in no key: it changes no result, only what may run
+    ledger = Ledger(open_store(store), run_id, cell)
     refs = {}
-    with remote_code.allowed(trust):  # every model load of this cell's stages
-        for name, task_fn, params, needs, extra in chain(source, settings):
-            refs[name] = run_recorded(store, run_id, model, recipe, name, task_fn, params, [refs[n] for n in needs],
-                                      **extra)
+    with remote_code.allowed(cell.trust_remote_code):  # every model load of this cell's stages
+        for name in cell.stages():
+            extra = {"resolved": cell.source} if name == "download" else None
+            refs[name] = run_recorded(ledger, name, cell.inputs(name, refs), cell.params[name], extra)
             if name == "download":  # refused before anything loads the model; recorded on the stage it stops
-                refuse_remote_code(store, run_id, model, recipe, refs[name], trust)
-    return {"model": model, "recipe": recipe, "refs": refs}
+                refuse_remote_code(ledger, refs[name])
+    return refs
 
 
-def refuse_remote_code(store: str, run_id: str, model: str, recipe: str, downloaded: ArtifactRef, trust: bool):
-    artifacts = Store(store)
+def refuse_remote_code(ledger: Ledger, downloaded: ArtifactRef):
     try:
-        remote_code.check(model, artifacts.path(downloaded), trust)
+        remote_code.check(ledger.cell.model, ledger.store.path(downloaded), ledger.cell.trust_remote_code)
     except remote_code.RemoteCodeRefused as e:
-        MetricStore(artifacts.metrics_db).record_stage(run_id, model, recipe, "quantize", None, "failed", False, 0.0,
-                                                       f"RemoteCodeRefused: {e}")
-        raise StageFailed(f"{model}/{recipe}: {e}") from None
-
-
-def stored_refs(store: Store, source: dict, settings: dict) -> tuple[dict, str | None]:
-    """A cell's artifacts as its stages would key them now, found in the store without running
-    anything; and the first stage missing, if any (then publishing must wait for a sweep)."""
-    refs = {}
-    for name, task_fn, params, needs, _ in chain(source, settings):
-        key = task_fn.cache_policy.compute_key(None, {"params": params, "inputs": [refs[n] for n in needs]}, {})
-        if (ref := store.get(name, key)) is None:
-            return refs, name
-        refs[name] = ref
-    return refs, None
+        ledger.stage("quantize", None, "failed", False, 0.0, f"RemoteCodeRefused: {e}")
+        raise StageFailed(f"{ledger.cell.name}: {e}") from None
 
 
 def _error_text(state) -> str:

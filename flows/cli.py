@@ -1,6 +1,8 @@
 """`qsweep`: run a sweep, see its status, query its metrics, list recipes.
 
-Thin on purpose: it parses arguments and calls flows/ and storage/.
+Thin on purpose: it parses arguments and calls flows/ and storage/. Each command imports what it
+needs when it runs, so listing recipes, asking for --help or refusing a bad sweep file imports
+neither mlx nor lm-eval (tests/test_imports.py).
 """
 
 import argparse
@@ -10,45 +12,45 @@ import os
 import sys
 from pathlib import Path
 
+from tasks.tables import console_table
 
 
 def default_store() -> str:
-    return os.environ.get("QSWEEP_STORE", ".qsweep")
+    from storage.settings import settings
+
+    return settings().store
 
 
 def history(store: str):
-    """The store's metric history; where the file lies is the store's business (Store.metrics_db)."""
-    from storage.artifacts import Store
-    from storage.metrics import MetricStore
+    """The store's metric history; where the file lies is the store's business (storage/workspace.py)."""
+    from storage.workspace import history
 
-    return MetricStore(Store(store).metrics_db)
-
-
-def format_value(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return str(int(v)) if v.is_integer() else f"{v:.6g}"
-    return str(v)
+    return history(store)
 
 
-def format_table(columns, rows) -> str:
-    cells = [[format_value(v) for v in row] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()
-    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+def load_or_refuse(args) -> int | None:
+    """The sweep file, validated into args.sweep; or 2 after saying what is wrong with it. It runs before
+    anything that runs the sweep is imported (mlx, lm-eval, Prefect) or re-executed (flows/blas.py)."""
+    from flows.config import SweepError, load_sweep
+
+    try:
+        args.sweep, _ = load_sweep(args.sweep_file)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return None
 
 
 def cmd_run(args) -> int:
-    from flows.config import SweepError, load_sweep
-    from flows.sweep import check_card, resolve_benchmark, resolve_models
-    from storage.artifacts import Store
+    from flows.cells import check_card, resolve_benchmark, resolve_models
+    from flows.config import SweepError
+    from storage.workspace import open_store
 
+    config = args.sweep  # valid (load_or_refuse)
     try:  # refuse bad input before Prefect starts or any work is done
-        config, _ = load_sweep(args.sweep_file)
         resolve_models(config)
         resolve_benchmark(config)
-        check_card(config, Store(args.store))
+        check_card(config, open_store(args.store, read_only=True))
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -62,7 +64,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from flows.cell import STAGES
+    from tasks.registry import STAGES
     from tasks.gates import describe
 
     db = history(args.store)
@@ -91,7 +93,7 @@ def cmd_status(args) -> int:
         shown = [s for s in STAGES if s not in ("reference", "fidelity") or any(k[2] == s for k in done)]
     rows = [[c["model"], c["recipe"]] + [done.get((c["model"], c["recipe"], s), ("pending",))[0] for s in shown]
             for c in cells]
-    print(format_table(["model", "recipe", *shown], rows))
+    print(console_table(["model", "recipe", *shown], rows))
     errors = [(m, r, s, e) for (m, r, s), (st, _, e) in done.items() if st == "failed"]
     for m, r, s, e in errors:
         print(f"\n{m}/{r} {s} failed: {e}")
@@ -122,7 +124,7 @@ def cmd_sql(args) -> int:
         w.writerow(columns)
         w.writerows(rows)
     else:
-        print(format_table(columns, rows))
+        print(console_table(columns, rows))
     return 0
 
 
@@ -159,7 +161,7 @@ def cmd_cards(args) -> int:
     if not written:
         print(f"qsweep cards: no cell in {args.store} has been benchmarked yet", file=sys.stderr)
         return 2
-    print(format_table(["model", "recipe", "card", ""], [[m, r, str(p), "updated" if c else "unchanged"]
+    print(console_table(["model", "recipe", "card", ""], [[m, r, str(p), "updated" if c else "unchanged"]
                                                         for m, r, p, c in written]))
     print("\n`qsweep publish SWEEP_FILE` delivers them: export folders and, with a token, the hub")
     return 0
@@ -205,13 +207,13 @@ def cmd_report(args) -> int:
 
 def cmd_recipes(args) -> int:
     from tasks.plan import REFERENCE_SHAPES, bits_per_weight
-    from tasks.recipes import BUILTINS
+    from tasks.recipes import builtin_recipes
 
     print(f"bits per weight estimated on a {REFERENCE_SHAPES['layers']}-layer llama "
           f"(hidden {REFERENCE_SHAPES['hidden']}, vocab {REFERENCE_SHAPES['vocab']}), scales included; "
           f"`qsweep recipes show NAME --model PATH` for a given model\n")
-    rows = [[r.name, f"{bits_per_weight(r):.2f}", r.description] for r in BUILTINS.values()]
-    print(format_table(["recipe", "bpw", "what it does"], rows))
+    rows = [[r.name, f"{bits_per_weight(r):.2f}", r.description] for r in builtin_recipes().values()]
+    print(console_table(["recipe", "bpw", "what it does"], rows, right=("bpw",)))
     return 0
 
 
@@ -267,10 +269,6 @@ def cmd_worker(args) -> int:
 
 
 def main(argv=None) -> int:
-    if argv is None:  # a real command line: give mlx a real BLAS first (flows/blas.py)
-        from flows.blas import reexec_with_blas
-
-        reexec_with_blas("-m", "flows.cli")
     parser = argparse.ArgumentParser(prog="qsweep", description=__doc__.splitlines()[0])
     parser.add_argument("--store", default=default_store(), help="artifact and metric store (default: $QSWEEP_STORE or ./.qsweep)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -279,7 +277,7 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("run", parents=[store_opt], help="run a sweep file")
     p.add_argument("sweep_file", type=Path)
-    p.set_defaults(fn=cmd_run)
+    p.set_defaults(fn=cmd_run, blas=True)
     p = sub.add_parser("status", parents=[store_opt], help="cells x stages of the latest run")
     p.set_defaults(fn=cmd_status)
     p = sub.add_parser("sql", parents=[store_opt], help="query the metric history (read-only, the store's tables only)")
@@ -298,7 +296,7 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the operations it would send; send nothing, no token needed")
     p.add_argument("--force-gated", action="store_true",
                    help="also export and upload cells that failed a quality gate (their cards still say so)")
-    p.set_defaults(fn=cmd_publish)
+    p.set_defaults(fn=cmd_publish, blas=True)
     p = sub.add_parser("report", parents=[store_opt], help="accuracy table, Pareto plots and metric history as HTML or Markdown")
     p.add_argument("--out", help="folder for the report (default: <store>/report)")
     p.add_argument("--format", choices=("html", "md"), default="html")
@@ -319,9 +317,15 @@ def main(argv=None) -> int:
     p.add_argument("--pool", default="qsweep", help="the work pool (default: qsweep; created if missing)")
     p.add_argument("--name", help="the worker's name (default: Prefect's)")
     p.add_argument("--limit", type=int, help="most flow runs at once (default: no limit)")
-    p.set_defaults(fn=cmd_worker)
+    p.set_defaults(fn=cmd_worker, blas=True)
 
     args = parser.parse_args(argv)
+    if args.fn is cmd_run and (refused := load_or_refuse(args)):
+        return refused
+    if argv is None and getattr(args, "blas", False):  # a real command line that runs models: a real BLAS first
+        from flows.blas import reexec_with_blas  # (flows/blas.py); it asks mlx whether a GPU does the matmuls
+
+        reexec_with_blas("-m", "flows.cli")
     return args.fn(args)
 
 

@@ -5,8 +5,7 @@ the paired statistics (tasks/compare.py). `qsweep compare` only prints them; a s
 `qsweep publish` also record them in the `comparisons` table, for SQL.
 """
 
-from storage.artifacts import Store
-from storage.metrics import MetricStore
+from storage.workspace import history
 from tasks.compare import Comparison, compare
 
 
@@ -15,7 +14,7 @@ def compare_recipes(store: str, base: str, alpha: float = 0.05) -> dict[str, lis
 
     A recipe is compared on a task only where it was measured as the base was (same data and sample,
     backend and number of questions): two random samples of a task share few questions, if any."""
-    db = MetricStore(Store(store).metrics_db)
+    db = history(store)
     _, rows = db.query("SELECT model, recipe, task, data, backend, n FROM latest_metrics "
                        "WHERE stage = 'benchmark' AND metric = 'acc'")
     how = {(m, r, t): (data, backend, n) for m, r, t, data, backend, n in rows}
@@ -30,6 +29,6 @@ def compare_recipes(store: str, base: str, alpha: float = 0.05) -> dict[str, lis
 
 def record_comparisons(store: str, base: str) -> None:
     """The comparisons at the cards' level (0.05) in the `comparisons` table, replacing the last ones."""
-    db = MetricStore(Store(store).metrics_db)
+    db = history(store)
     for model, rows in compare_recipes(store, base).items():
         db.record_comparisons(model, base, rows)

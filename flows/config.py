@@ -5,16 +5,15 @@ e.g. `recipes[2].bits: bits 7 is not allowed for mode affine; allowed: 2, 3, 4, 
 """
 
 import hashlib
+import re
 from pathlib import Path
-from typing import Annotated, Literal, Union, get_args
+from typing import Annotated, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from tasks.recipes import Recipe, RecipeSpec, get_recipe, recipe_from_spec, with_calibration_digest
-from tasks.specs import SAFE_NAME, BenchmarkSpec, FidelitySpec, GatesSpec, SmokeSpec, Strict
-
-
+from tasks.specs import SAFE_NAME, BenchmarkSpec, FidelitySpec, GatesSpec, SmokeSpec, Strict, spec_errors
 
 
 class SweepError(ValueError):
@@ -29,8 +28,6 @@ class ModelSpec(Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, name: str) -> str:
-        import re
-
         if not re.fullmatch(SAFE_NAME, name):  # nothing may escape the store
             raise ValueError(f"{name!r}: letters, digits, '.', '_' and '-' only, starting with a letter or digit")
         return name
@@ -135,43 +132,6 @@ def to_recipe(spec: RecipeSpec) -> Recipe:
     return with_calibration_digest(recipe, Path(".")) if recipe.calibration else recipe
 
 
-def _fields_at(loc) -> list[str]:
-    """The keys allowed where `loc` points, for 'unknown key' messages."""
-    cls = Sweep
-    for part in loc[:-1]:
-        if isinstance(part, int) or cls is None:
-            continue
-        field = cls.model_fields.get(part)
-        ann = field.annotation if field else None
-        cls = None
-        for candidate in (ann, *get_args(ann), *(a for x in get_args(ann) for a in get_args(x))):
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                cls = candidate
-                break
-        if cls is None and part == "recipes":
-            cls = RecipeSpec
-    return list(cls.model_fields) if cls else []
-
-
-def _where(loc) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
-def _describe(err: dict) -> str:
-    # pydantic puts union branches and validators into the path; the user's file has neither
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p in ("str", "RecipeSpec") or p.startswith("function-"))))
-    if err["type"] == "extra_forbidden":
-        return f"{_where(loc)}: unknown key; allowed keys: {', '.join(_fields_at(loc))}"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{_where(loc)}: {msg}" if loc else msg
-
-
 def parse_sweep(data, origin: str = "sweep") -> Sweep:
     if not isinstance(data, dict):
         raise SweepError(f"{origin}: expected a mapping with keys {', '.join(Sweep.model_fields)}")
@@ -181,7 +141,7 @@ def parse_sweep(data, origin: str = "sweep") -> Sweep:
         errors = e.errors()
         # A recipe given as a mapping fails the `str` branch too; that error says nothing useful.
         errors = [x for x in errors if not (x["type"] == "string_type" and "recipes" in x["loc"] and len(errors) > 1)]
-        lines = sorted({_describe(x) for x in errors})
+        lines = spec_errors(errors, Sweep)
         raise SweepError(f"{origin}: invalid sweep file:\n  " + "\n  ".join(lines)) from None
 
 

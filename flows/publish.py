@@ -6,56 +6,73 @@ measured again, which is how a failed upload is retried), and by `qsweep cards` 
 the store can make, written to a folder, no hub).
 """
 
-import re
 import socket
 from dataclasses import asdict
 from pathlib import Path
 
-from prefect import flow, tags
+from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.cell import STAGES, run_recorded, stored_refs
+from flows.cell import Ledger, run_recorded
+from flows.cells import Cell, SweepFailed, plan_and_check, slug, stored_refs
 from flows.compare import record_comparisons
-from storage.artifacts import Store
+from storage.artifacts import ArtifactRef, Store
 from storage.keys import tool_versions
 from storage.metrics import MetricStore
+from storage.workspace import open_store
 from tasks import card as cards
 from tasks import gates
 from tasks.compare import BASE_RECIPE
-from tasks.publish import card_inputs, card_params, dry_run, held, held_at, publish_task
-from tasks.recipes import BUILTINS
+from tasks.publish import card_inputs, card_params, deliver, dry_run, held, held_at
+from tasks.recipes import builtin_recipes
+from tasks.registry import STAGES
 
 
-def slug(*parts: str) -> str:
-    """A Prefect artifact key: lowercase letters, digits and dashes."""
-    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
+def deliver_card(store: Store, card: ArtifactRef, quantized: ArtifactRef, params: dict, dest: str, allow_gated: bool) -> dict:
+    """The card's delivery: the export folder and the upload, or holding a gated cell back. Not a cached
+    task: it checks the folder and the hub each time and does only what does not hold yet."""
+    receipt = deliver(store, card, quantized, params, Path(dest), allow_gated)
+    log = get_run_logger()
+    if receipt.get("held_at"):
+        log.warning("%s/%s held back by its quality gates (%s): not exported or uploaded; its card is in %s%s",
+                    params["model"], params["recipe"]["name"], receipt["gated"], receipt["held_at"],
+                    f". Note: {receipt['note']}" if receipt.get("note") else "")
+    else:
+        log.info("published to %s%s", receipt["exported_to"],
+                 f" and {receipt['uploaded']['repo']}" if receipt["uploaded"] else "")
+    return receipt
 
 
-@flow(name="publish", flow_run_name="publish:{model}/{recipe}")
-def publish_cell(store: str, run_id: str, model: str, recipe: str, refs: dict, settings: dict,
-                 force_gated: bool = False) -> dict:
-    """The card (an artifact keyed by what it shows), the export folder, the upload when asked; a cell
-    that failed a quality gate is held back (card under <store>/gated/) unless allowed or forced."""
-    artifacts = Store(store)
-    params, facts = card_params(artifacts, settings["publish"], refs)
-    allow = force_gated or settings.get("allow_gated", False)
-    card = run_recorded(store, run_id, model, recipe, "publish", publish_task, params, card_inputs(refs),
-                        dest=settings["export_to"], facts=asdict(facts), quantized=refs["quantize"], allow_gated=allow)
+def _publish_run_name() -> str:
+    c = flow_run.parameters["cell"]
+    return f"publish:{c.model}/{c.recipe}" if isinstance(c, Cell) else f"publish:{c['model']}/{c['recipe']}"
+
+
+@flow(name="publish", flow_run_name=_publish_run_name)
+def publish_cell(store: str, run_id: str, cell: Cell, refs: dict, force_gated: bool = False) -> dict:
+    """The card (an artifact keyed by what it shows), then its delivery: the export folder and the upload
+    when asked; a cell that failed a quality gate is held back (card under <store>/gated/) unless allowed
+    or forced."""
+    artifacts = open_store(store)
+    params, facts = card_params(artifacts, cell.params["publish"], refs)
+    allow = force_gated or cell.allow_gated
+    card = run_recorded(Ledger(artifacts, run_id, cell), "publish", card_inputs(refs), params, {"facts": asdict(facts)},
+                        then=lambda card: deliver_card(artifacts, card, refs["quantize"], params, cell.export_to, allow))
     text = (artifacts.path(card) / "README.md").read_text()
-    create_markdown_artifact(key=slug("card", model, recipe), markdown=_body(text),
-                             description=f"model card of {model} quantized with {recipe}")
-    kept_back = held(artifacts, card, allow)  # the same decision the publish task's delivery made
-    return {"model": model, "recipe": recipe, "card": card.key, "gated": gates.describe(facts.gates),
-            "exported_to": None if kept_back else settings["export_to"],
-            "held_at": str(held_at(artifacts, Path(settings["export_to"]))) if kept_back else None}
+    create_markdown_artifact(key=slug("card", cell.model, cell.recipe), markdown=_body(text),
+                             description=f"model card of {cell.model} quantized with {cell.recipe}")
+    kept_back = held(artifacts, card, allow)  # the same decision the delivery made
+    return {"model": cell.model, "recipe": cell.recipe, "card": card.key, "gated": gates.describe(facts.gates),
+            "exported_to": None if kept_back else cell.export_to,
+            "held_at": str(held_at(artifacts, Path(cell.export_to))) if kept_back else None}
 
 
-def publish_tagged(store: str, run_id: str, cell: dict, refs: dict, force_gated: bool = False):
+def publish_tagged(store: Store, run_id: str, cell: Cell, refs: dict, force_gated: bool = False):
     """publish_cell for one planned cell, tagged with its model and recipe; returns its final state."""
-    with tags(f"model:{cell['model']}", f"recipe:{cell['recipe']}"):
-        return publish_cell(store=store, run_id=run_id, model=cell["model"], recipe=cell["recipe"],
-                            refs=refs, settings=cell["settings"], force_gated=force_gated, return_state=True)
+    with tags(f"model:{cell.model}", f"recipe:{cell.recipe}"):
+        return publish_cell(store=str(store.root), run_id=run_id, cell=cell, refs=refs, force_gated=force_gated,
+                            return_state=True)
 
 
 def _body(card_text: str) -> str:
@@ -69,27 +86,25 @@ def _body(card_text: str) -> str:
 def publish_sweep(sweep_file: str, store: str = ".qsweep", force_gated: bool = False) -> list[dict]:
     """Publish every cell of a sweep from the store, measuring nothing (a sweep must have run).
     `force_gated` lets out cells that failed a quality gate too (their cards still say so)."""
-    from flows.sweep import SweepFailed, plan_and_check  # flows.sweep runs publish_cell: imported when called
-
-    config, cells = plan_and_check(sweep_file, store)
-    artifacts = Store(store)
+    artifacts = open_store(store)
+    config, cells = plan_and_check(sweep_file, artifacts)
     history = MetricStore(artifacts.metrics_db)
     run_id = flow_run.get_id() or "local"
     history.start_run(run_id, config.name, str(sweep_file), "", socket.gethostname(), tool_versions(),
-                      [{"model": c["model"], "recipe": c["recipe"], "stages": ["publish"]} for c in cells])
+                      [{"model": c.model, "recipe": c.recipe, "stages": ["publish"]} for c in cells])
     record_comparisons(str(artifacts.root), BASE_RECIPE)
     done, missing = [], []
     for c in cells:
-        refs, lacking = stored_refs(artifacts, c["source"], c["settings"])
+        refs, lacking = stored_refs(artifacts, c)
         if lacking:
-            missing.append(f"{c['model']}/{c['recipe']} (not measured: no {lacking} artifact for these settings; "
+            missing.append(f"{c.name} (not measured: no {lacking} artifact for these settings; "
                            f"run `qsweep run {sweep_file}` first)")
             continue
-        state = publish_tagged(str(artifacts.root), run_id, c, refs, force_gated)
+        state = publish_tagged(artifacts, run_id, c, refs, force_gated)
         if state.is_completed():
             done.append(state.result())
         else:
-            missing.append(f"{c['model']}/{c['recipe']} ({state.message})")
+            missing.append(f"{c.name} ({state.message})")
     history.finish_run(run_id, "failed" if missing else "completed")
     if missing:
         raise SweepFailed(f"{len(missing)} of {len(cells)} cells not published: {'; '.join(missing)}")
@@ -99,26 +114,24 @@ def publish_sweep(sweep_file: str, store: str = ".qsweep", force_gated: bool = F
 def dry_run_sweep(sweep_file: str, store: str, force_gated: bool = False) -> list[str]:
     """What `qsweep publish` would send for each cell of the sweep, as lines to print; sends nothing,
     writes nothing."""
-    from flows.sweep import plan_and_check
-
-    config, cells = plan_and_check(sweep_file, store)
-    artifacts = Store(store)
+    artifacts = open_store(store, read_only=True)
+    config, cells = plan_and_check(sweep_file, artifacts)
     lines = []
     for c in cells:
-        refs, lacking = stored_refs(artifacts, c["source"], c["settings"])
-        lines.append(f"{c['model']}/{c['recipe']}:")
+        refs, lacking = stored_refs(artifacts, c)
+        lines.append(f"{c.name}:")
         if lacking:
             lines.append(f"  not measured yet (no {lacking} artifact for these settings): run the sweep first")
             continue
-        text, plan, failed = dry_run(artifacts, c["settings"]["publish"], refs)
-        if failed and not (force_gated or c["settings"].get("allow_gated")):
+        text, plan, failed = dry_run(artifacts, c.params["publish"], refs)
+        if failed and not (force_gated or c.allow_gated):
             lines.append(f"  held back by its quality gates ({gates.describe(failed)}): not exported, not uploaded; "
-                         f"its card would go to {held_at(artifacts, Path(c['settings']['export_to']))}")
+                         f"its card would go to {held_at(artifacts, Path(c.export_to))}")
             continue
         if failed:
             lines.append(f"  fails its quality gates ({gates.describe(failed)}), let out by "
                          + ("--force-gated" if force_gated else "the sweep file's gates.allow"))
-        lines.append(f"  export to {c['settings']['export_to']}: the model files and README.md ({len(text):,} characters)")
+        lines.append(f"  export to {c.export_to}: the model files and README.md ({len(text):,} characters)")
         if plan is None:
             lines.append("  no hub repo in the sweep file (publish.repo): nothing to upload")
             continue
@@ -131,7 +144,7 @@ def dry_run_sweep(sweep_file: str, store: str, force_gated: bool = False) -> lis
 
 def write_cards(store: str, out: Path) -> list[tuple[str, str, Path, bool]]:
     """Every card the store can make now, as README.md under out/<name>/; (model, recipe, path, changed)."""
-    artifacts = Store(store)
+    artifacts = open_store(store)
     db = MetricStore(artifacts.metrics_db)
     _, rows = db.query("""
         SELECT model, recipe, stage, key FROM stages WHERE status = 'done'
@@ -139,7 +152,7 @@ def write_cards(store: str, out: Path) -> list[tuple[str, str, Path, bool]]:
         ORDER BY model, recipe""")
     cells: dict[tuple, dict] = {}
     for model, recipe, stage, key in rows:
-        if stage in STAGES and (ref := artifacts.get(stage, key)) is not None:
+        if stage in STAGES and (ref := artifacts.current(stage, key)) is not None:
             cells.setdefault((model, recipe), {})[stage] = ref
     written = []
     for (model, recipe), refs in cells.items():
@@ -160,7 +173,7 @@ def _publish_params(artifacts: Store, model: str, refs: dict) -> dict:
     if "publish" in refs:
         return {k: v for k, v in artifacts.manifest(refs["publish"])["params"].items() if k != "facts"}
     recipe = artifacts.manifest(refs["quantize"])["params"]
-    builtin = BUILTINS.get(recipe["name"])
+    builtin = builtin_recipes().get(recipe["name"])
     return {"model": model, "recipe": recipe, "source": artifacts.manifest(refs["download"])["params"],
             "recipe_description": builtin.description if builtin and builtin.params() == recipe else "",
             "repo_id": None, "private": True, "license": None}

@@ -5,9 +5,13 @@ with a `manifest.json` that records how it was made (key inputs, tool
 versions, timings) and the sha256 of every file. Its *digest* covers the files
 only, so downstream keys depend on content, never on when or where it was made.
 Writes go to a temporary directory first and are renamed into place, so a
-killed process leaves either a whole artifact or none. An artifact whose files
-no longer match its manifest is moved aside, recorded in the `events` table, and
-built again.
+killed process leaves either a whole artifact or none.
+
+`Store.current(stage, key)` is the one answer to "is this stage's artifact here and
+intact?": the Prefect cache (flows/stage.py), `produce`, and publishing from the store
+all ask it. An artifact whose files no longer match its manifest is moved aside, told to
+the store's `events` sink (the `events` table), and built again. Files are hashed through
+a state database (storage/digests.py), so an unchanged artifact is not read again.
 
 QSWEEP_FAILPOINT=<stage>:start|write makes the process SIGKILL itself as that
 stage's build starts, or once its files are written but before its manifest: the
@@ -15,7 +19,6 @@ fault tests crash a sweep there to show that a rerun loses nothing.
 """
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -24,14 +27,15 @@ import signal
 import socket
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from storage.keys import canonical_json, stage_key, tool_versions
+from filelock import FileLock
 
-MANIFEST = "manifest.json"
+from storage.digests import MANIFEST, HashCache, digest_files, scan_files
+from storage.keys import stage_key, tool_versions
+from storage.settings import settings
 
 
 @dataclass(frozen=True)
@@ -42,28 +46,6 @@ class ArtifactRef:
     key: str
     digest: str
     reused: bool = False  # found in the store instead of computed by this call
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def digest_files(files: dict) -> str:
-    """One digest for a set of files: sha256 of the sorted (name, sha256) pairs."""
-    return hashlib.sha256(canonical_json(sorted((n, f["sha256"]) for n, f in files.items())).encode()).hexdigest()
-
-
-def scan_files(root: Path) -> dict:
-    files = {}
-    for path in sorted(root.rglob("*")):
-        name = path.relative_to(root).as_posix()
-        if path.is_file() and name != MANIFEST:
-            files[name] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
-    return files
 
 
 def artifact_key(stage: str, code_version: str, params: dict, inputs: list[ArtifactRef]) -> str:
@@ -78,20 +60,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
-
-
-@contextmanager
-def _locked(path: Path):
-    """An exclusive lock on `path` held by this process (released by the OS if it dies)."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def scrub(error: BaseException) -> str:
@@ -118,7 +86,7 @@ class NoRoom(OSError):
 
 
 def _failpoint(stage: str, point: str) -> None:
-    if os.environ.get("QSWEEP_FAILPOINT") == f"{stage}:{point}":
+    if settings().failpoint == f"{stage}:{point}":
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -137,21 +105,18 @@ def _no_room(error: BaseException, where: Path) -> str | None:
 
 
 class Store:
-    """`mirror` (default: $QSWEEP_MIRROR), an fsspec URL such as s3://bucket/qsweep, shares finished
-    artifacts between machines (storage/remote.py): one missing here is pulled from it, verified,
-    and used instead of being built; one built here is pushed to it."""
+    """`mirror` (storage/remote.py) shares finished artifacts between machines: one missing here is
+    pulled from it, verified, and used instead of being built; one built here is pushed to it.
+    `events(kind, stage, key, detail)` hears what the store noticed and did (a corrupt artifact
+    moved aside); storage/workspace.py wires both from the settings."""
 
-    def __init__(self, root: Path | str, mirror: str | None = None):
+    def __init__(self, root: Path | str, mirror=None, events: Callable[[str, str, str, str], None] | None = None,
+                 read_only: bool = False):
         self.root = Path(root).resolve()
-        self._verified: set[str] = set()
-        self.metrics_db = self.root / "metrics.duckdb"
-        mirror = mirror or os.environ.get("QSWEEP_MIRROR")
-        if mirror:
-            from storage.remote import Mirror
-
-            self.mirror = Mirror(mirror)
-        else:
-            self.mirror = None
+        self.metrics_db = self.root / "metrics.duckdb"  # the same file as storage/workspace.history(root)
+        self.mirror = mirror
+        self.events = events
+        self.hashes = HashCache(self.root / "hashes.sqlite", read_only=read_only)
 
     def path(self, ref_or_stage, key: str | None = None) -> Path:
         if isinstance(ref_or_stage, ArtifactRef):
@@ -168,16 +133,15 @@ class Store:
             manifest = json.loads((where / MANIFEST).read_text())
         except (OSError, ValueError) as e:
             raise CorruptArtifact(f"{where}: unreadable manifest ({e})") from e
-        if key not in self._verified:
-            found = scan_files(where)
-            if found != manifest["files"] or digest_files(found) != manifest["digest"]:
-                changed = sorted(n for n in set(found) | set(manifest["files"]) if found.get(n) != manifest["files"].get(n))
-                raise CorruptArtifact(f"{where}: files differ from the manifest: {', '.join(changed)}")
-            self._verified.add(key)
+        found = scan_files(where, self.hashes)
+        if found != manifest["files"] or digest_files(found) != manifest["digest"]:
+            changed = sorted(n for n in set(found) | set(manifest["files"]) if found.get(n) != manifest["files"].get(n))
+            raise CorruptArtifact(f"{where}: files differ from the manifest: {', '.join(changed)}")
         return ArtifactRef(stage, key, manifest["digest"], reused=True)
 
-    def get(self, stage: str, key: str) -> ArtifactRef | None:
-        """The verified artifact under this key, or None. A corrupt one is moved aside."""
+    def current(self, stage: str, key: str) -> ArtifactRef | None:
+        """Is this stage's artifact here and intact? Its ref if so (pulled from the mirror when only
+        the mirror has it), else None; a corrupt one is moved aside first, so that it is built again."""
         if not self.path(stage, key).exists():  # a dir without its manifest is corrupt, not absent
             return self._pull(stage, key) if self.mirror is not None else None
         try:
@@ -192,11 +156,10 @@ class Store:
             return None
 
     def _record(self, kind: str, stage: str, key: str, detail: str) -> None:
-        """What the store noticed and did about it: a warning, and a row in the `events` table."""
-        from storage.metrics import MetricStore
-
+        """What the store noticed and did about it: a warning, and the events sink (a row in `events`)."""
         logging.getLogger("qsweep").warning("%s %s/%s: %s", kind, stage, key, detail)
-        MetricStore(self.metrics_db).record_event(kind, stage, key, detail)
+        if self.events is not None:
+            self.events(kind, stage, key, detail)
 
     def produce(
         self,
@@ -211,14 +174,15 @@ class Store:
         `build(out_dir)` writes the files and returns an info dict (metric rows
         go under info["metrics"]) that lands in the manifest."""
         key = artifact_key(stage, code_version, params, inputs)
-        found = self.get(stage, key)
+        found = self.current(stage, key)
         if found is not None:
             return found
         final = self.path(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         # Two sweeps on one store wait for each other here instead of building the same key twice.
-        with _locked(self.root / "locks" / f"{stage}-{key}"):
-            found = self.get(stage, key)
+        (self.root / "locks").mkdir(parents=True, exist_ok=True)
+        with FileLock(self.root / "locks" / f"{stage}-{key}"):
+            found = self.current(stage, key)
             if found is not None:
                 return found
             ref = self._build(stage, code_version, params, inputs, key, build)
@@ -236,7 +200,7 @@ class Store:
         _clean_stale(final.parent, f".pull-{key}-")
         tmp = final.with_name(f".pull-{key}-{os.getpid()}-{threading.get_ident()}")
         try:
-            pulled = self.mirror.pull(stage, key, tmp)
+            pulled = self.mirror.pull(stage, key, tmp, self.hashes)
             wrong = not pulled and self.mirror.has(stage, key)  # whole but wrong
             if wrong:  # gone, so that the push after our build repairs it
                 self.mirror.discard(stage, key)
@@ -271,7 +235,7 @@ class Store:
                                  "sweep again; finished stages are not redone") from e
                 raise
             _failpoint(stage, "write")
-            files = scan_files(tmp)
+            files = scan_files(tmp, self.hashes)  # remembered: the rename keeps each file's stat
             manifest = {
                 "stage": stage,
                 "key": key,
@@ -295,5 +259,4 @@ class Store:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._verified.add(key)
         return ArtifactRef(stage, key, manifest["digest"])

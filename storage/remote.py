@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 
-from storage.artifacts import MANIFEST, digest_files, scan_files
+from storage.digests import MANIFEST, HashCache, digest_files, scan_files
 
 
 def redact(url: str) -> str:
@@ -86,9 +86,9 @@ class Mirror:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self._path(stage, key), recursive=True)
 
-    def pull(self, stage: str, key: str, dest: Path) -> bool:
-        """Download into `dest` (absent or empty) and verify it. False, with nothing left in dest,
-        when the remote copy is missing, incomplete or differs from its manifest."""
+    def pull(self, stage: str, key: str, dest: Path, cache: HashCache | None = None) -> bool:
+        """Download into `dest` (absent or empty) and verify it (remembering the hashes in `cache`). False,
+        with nothing left in dest, when the remote copy is missing, incomplete or differs from its manifest."""
         dest = Path(dest)
         if dest.exists() and any(dest.iterdir()):
             raise ValueError(f"{dest}: pull needs an absent or empty directory")
@@ -96,7 +96,7 @@ class Mirror:
         created = not dest.exists()
         dest.mkdir(parents=True, exist_ok=True)
         try:
-            ok = self._download(stage, key, dest)
+            ok = self._download(stage, key, dest, cache)
         except BaseException:
             _clear(dest, created)
             raise
@@ -104,7 +104,7 @@ class Mirror:
             _clear(dest, created)
         return ok
 
-    def _download(self, stage: str, key: str, dest: Path) -> bool:
+    def _download(self, stage: str, key: str, dest: Path, cache: HashCache | None) -> bool:
         found = self._manifest(stage, key)
         if found is None or not all(_inside(n) for n in found[1]["files"]):
             return False
@@ -117,7 +117,7 @@ class Mirror:
         except FileNotFoundError:  # a file the manifest names is gone remotely
             return False
         (dest / MANIFEST).write_bytes(raw)
-        files = scan_files(dest)
+        files = scan_files(dest, cache)
         return files == manifest["files"] and digest_files(files) == manifest["digest"]
 
 

@@ -23,8 +23,8 @@ from storage.keys import canonical_json
 from storage.metrics import MetricStore
 from tasks import gates as quality
 from tasks.compare import BASE_RECIPE, INTERVAL_METHOD, compare
-from tasks.offline_tasks import OFFLINE
 from tasks.quantize import float_dtype, stored_dtypes
+from tasks.tables import human_bytes, markdown_table
 
 # What the hub's model-index says of each benchmark: (dataset id, config, display name, short name).
 DATASETS = {
@@ -36,7 +36,6 @@ DATASETS = {
     "piqa": ("baber/piqa", None, "PIQA", "PIQA"),
     "winogrande": ("allenai/winogrande", "winogrande_xl", "WinoGrande", "Winogrande"),
 }
-assert set(DATASETS) == set(OFFLINE), "every benchmark qsweep knows offline has a model-index entry"
 ALPHA = 0.05  # the cards' significance level, after Holm's adjustment
 MEASURED = ("download", "quantize", "smoke", "benchmark", "reference", "fidelity")  # the stages a card draws on
 FIDELITY_COLUMNS = (("ppl", "ppl", "{:.3f}"), ("ppl_ratio", "ppl ratio", "{:.4f}"), ("kl_mean", "KL mean", "{:.4f}"),
@@ -320,20 +319,6 @@ def _fmt(value, spec="{:.3f}") -> str:
     return f"{value:.3g}" if abs(value) >= 1e4 else spec.format(value)  # a broken recipe's ppl of 8e7
 
 
-def _size(n) -> str:
-    if n is None:
-        return ""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + \
-           ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def _label(f: CardFacts, recipe: str) -> str:
     return f"**{recipe} (this model)**" if recipe == f.recipe else recipe
 
@@ -394,8 +379,8 @@ def render(f: CardFacts) -> str:
 
     lines = [f"# {f.name}", "", *_banner(f), _provenance(f), ""]
     lines += [*(note.strip() + "\n" for note in f.notes)]
-    lines += ["## Quantization", "", *_table(["", ""], [
-        ["bits per weight", f"{f.bits_per_weight:.3f}"], ["size on disk", _size(f.disk_bytes)],
+    lines += ["## Quantization", "", *markdown_table(["", ""], [
+        ["bits per weight", f"{f.bits_per_weight:.3f}"], ["size on disk", human_bytes(f.disk_bytes)],
         ["recipe", f"`{f.recipe}`"]]), "", "Which layers got which bits:", ""]
     lines += [f"- {line}" for line in f.plan] + [""]
     lines += [f"Note: {n}" for n in f.plan_notes] + ([""] if f.plan_notes else [])
@@ -410,10 +395,10 @@ def render(f: CardFacts) -> str:
         mean = sum(accs) / len(accs) if accs and None not in accs else None
         base_mean = sum(base[k] for k in f.tasks) / len(f.tasks) if base and all(k in base for k in f.tasks) else None
         rel = t["recipe"] != BASE_RECIPE
-        rows.append([_label(f, t["recipe"]), _fmt(t["bits_per_weight"], "{:.2f}"), _size(t["disk_bytes"]),
+        rows.append([_label(f, t["recipe"]), _fmt(t["bits_per_weight"], "{:.2f}"), human_bytes(t["disk_bytes"]),
                      *[_fmt(a) + (_relative(a, base.get(k)) if rel else "") for a, k in zip(accs, f.tasks)],
                      _fmt(mean) + (_relative(mean, base_mean) if rel else "")])
-    lines += _table(header, rows) + [""]
+    lines += markdown_table(header, rows) + [""]
     if base and len(f.table) > 1:
         lines += [f"In parentheses: the relative change from {BASE_RECIPE}.", ""]
     stderr = next(t["stderr"] for t in f.table if t["recipe"] == f.recipe)
@@ -446,7 +431,7 @@ def render(f: CardFacts) -> str:
               "response = generate(model, tokenizer, prompt=prompt, verbose=True)", "```", ""]
     lines += ["## How it was made", "",
               "Made with qsweep from content-hashed artifacts: the same inputs give the same keys.", "",
-              *_table(["", ""], [[k, f"`{v}`"] for k, v in f.tools.items() if v]
+              *markdown_table(["", ""], [[k, f"`{v}`"] for k, v in f.tools.items() if v]
                       + [[f"{stage} artifact", f"`{key[:16]}`"] for stage, key in f.keys.items()]), ""]
     # Parsing it back through huggingface_hub refuses metadata the hub would not read.
     return str(ModelCard(f"---\n{front_matter(f).to_yaml()}\n---\n\n" + "\n".join(lines).rstrip() + "\n"))
@@ -468,7 +453,7 @@ def _diff_table(f: CardFacts) -> list[str]:
             f"({INTERVAL_METHOD}); an interval that holds 0 means these questions cannot tell the two apart. `*` marks "
             f"McNemar's exact p < {ALPHA:g} after Holm's adjustment across the {len(f.diffs)} differences in this table: "
             f"{marked} marked.", "",
-            *_table(["recipe", *map(short_name, f.tasks)], rows), ""]
+            *markdown_table(["recipe", *map(short_name, f.tasks)], rows), ""]
 
 
 def _bf16_is(f: CardFacts) -> str:
@@ -488,7 +473,7 @@ def _others_table(f: CardFacts) -> list[str]:
             for task in f.tasks if any(task in o["acc"] for o in others)]
     return ["Beside other models, on the same questions: their accuracy, and in parentheses this model's difference "
             f"from theirs with its 95% paired interval ({INTERVAL_METHOD}); `*`: Holm-adjusted McNemar p < {ALPHA:g} "
-            "across that model's tasks.", "", *_table(header, rows), ""]
+            "across that model's tasks.", "", *markdown_table(header, rows), ""]
 
 
 def _fidelity_table(f: CardFacts) -> list[str]:
@@ -521,7 +506,7 @@ def _fidelity_table(f: CardFacts) -> list[str]:
         reference = {"ppl": f.fidelity["base_ppl"], "ppl_ratio": 1.0}
         rows.insert(0, [f"reference: {f.fidelity['reference']}", *[_fmt(reference.get(c[0]), c[2]) for c in cols],
                         *["" for _ in speed]] + ([] if how or not hows else [""]))
-    return lines + _table(header, rows) + [""]
+    return lines + markdown_table(header, rows) + [""]
 
 
 def write(facts: CardFacts, out: Path) -> dict:

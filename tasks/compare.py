@@ -155,23 +155,18 @@ def compare(samples: Iterable[dict], base: str, alpha: float = 0.05) -> list[Com
 
 
 def format_comparisons(rows: list[Comparison], alpha: float = 0.05) -> str:
-    """A plain-text table, one block per task, and a note on what the marks mean (rows of one compare() call)."""
+    """A console table per task, and a note on what the marks mean (rows of one compare() call)."""
+    from tasks.tables import console_table
+
     lines = []
-    head = f"95% {INTERVAL_METHOD}"
-    iw = max(len(head), 16)
+    header = ["recipe", "n", "base", "acc", "diff", f"95% {INTERVAL_METHOD}", "McNemar p", "Holm p", ""]
     for task in dict.fromkeys(r.task for r in rows):
         block = [r for r in rows if r.task == task]
-        first = block[0]
-        width = max(len("recipe"), *(len(r.recipe) for r in block))
-        lines.append(f"{task}: each recipe against {first.base}, on the questions both answered")
-        lines.append(f"  {'recipe':<{width}}  {'n':>5}  {'base':>5}  {'acc':>5}  {'diff':>6}  {head:>{iw}}  "
-                     f"{'McNemar p':>9}  {'Holm p':>7}")
-        for r in block:
-            mark = " *" if r.significant else ""
-            interval = f"[{r.low:+6.3f}, {r.high:+6.3f}]"
-            lines.append(f"  {r.recipe:<{width}}  {r.n:>5}  {r.base_acc:5.3f}  {r.acc:5.3f}  {r.diff:+6.3f}  "
-                         f"{interval:>{iw}}  {r.p_value:9.2g}  {r.p_holm:7.2g}{mark}")
-        lines.append("")
+        lines.append(f"{task}: each recipe against {block[0].base}, on the questions both answered")
+        table = console_table(header, [
+            [r.recipe, r.n, f"{r.base_acc:.3f}", f"{r.acc:.3f}", f"{r.diff:+.3f}", f"[{r.low:+6.3f}, {r.high:+6.3f}]",
+             f"{r.p_value:.2g}", f"{r.p_holm:.2g}", "*" if r.significant else ""] for r in block], right=tuple(header[1:]))
+        lines += ["  " + line for line in table.splitlines()] + [""]
     count = len(rows)
     lines.append(f"* Holm-adjusted McNemar p < {alpha:g} across all {count} comparison{'s' if count != 1 else ''} above "
                  f"(multiple comparisons): were no recipe different from its base,")

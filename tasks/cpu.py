@@ -10,15 +10,21 @@ BLAS) use more than one core. Three things close most of that gap:
   (mlx's SIMD type is one lane wide on x86). The same Cephes polynomial that mlx
   uses, written as array ops and fused by `mx.compile`, runs about twice as fast
   and agrees with mlx to float rounding (checked on a probe before it is used).
+  `logsumexp` uses the same exp, after the same kind of probe.
+
+The polynomial is mlx's internal, so it lives in tasks/compat.py with the version it was read in.
 """
 
 import contextlib
 import ctypes
+import functools
 import os
 import threading
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from tasks.compat import EXP_POLYNOMIAL
 
 
 _local = threading.local()  # mlx streams belong to the thread that made them; cells may run in threads
@@ -65,13 +71,12 @@ def blas_threads(n: int | None):
 
 
 def _exp(x: mx.array) -> mx.array:
-    """exp as mlx's CPU kernel computes it (mlx/backend/cpu/simd/math.h, constants from Cephes), for x <= 88."""
+    """exp as mlx's CPU kernel computes it (compat.EXP_POLYNOMIAL), for x <= 88."""
     x = x * 1.442695  # log2(e): exp(x) = 2**x'
     whole = mx.floor(x + 0.5)
     frac = x - whole
-    p = 1.535336188319500e-4
-    for c in (1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
-              2.402264791363012e-1, 6.931472028550421e-1, 1.0):
+    p = EXP_POLYNOMIAL[0]
+    for c in EXP_POLYNOMIAL[1:]:
         p = p * frac + c
     return p * ((whole.astype(mx.int32) + 127) << 23).view(mx.float32)  # 2**whole from its exponent bits
 
@@ -90,10 +95,24 @@ def _shifted_exp_sum(x: mx.array, top: mx.array) -> mx.array:
 
 def logsumexp(x: mx.array) -> mx.array:
     """logsumexp over the last axis; on a CPU in float32, with `_exp` (mlx's own reduces with its scalar exp)."""
-    if mx.default_device() != mx.cpu or x.dtype != mx.float32:
+    if mx.default_device() != mx.cpu or x.dtype != mx.float32 or not _fast_logsumexp_agrees():
         return mx.logsumexp(x, axis=-1)
+    return _fast_logsumexp(x)
+
+
+def _fast_logsumexp(x: mx.array) -> mx.array:
     top = mx.stop_gradient(mx.max(x, axis=-1, keepdims=True))
     return top[..., 0] + mx.log(_shifted_exp_sum(x, top))
+
+
+@functools.cache
+def _fast_logsumexp_agrees() -> bool:
+    """The probe before logsumexp's swap: the same numbers as mlx's on a spread of logits, once per process."""
+    probe = 8 * mx.random.normal((4, 3000), key=mx.random.key(1))
+    try:  # mx.compile on a CPU builds C++ at run time: no compiler, no swap
+        return mx.allclose(_fast_logsumexp(probe), mx.logsumexp(probe, axis=-1), rtol=1e-6).item()
+    except Exception:
+        return False
 
 
 class FastSwiGLU(nn.Module):

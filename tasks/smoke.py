@@ -48,14 +48,10 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from prefect import task
 
-from storage.artifacts import ArtifactRef, Store
-from tasks.benchmark import load_as
-from tasks.stage import artifact_cache
+from tasks.loading import load_as
 
 CODE_VERSION = "2"  # 2: verdicts on the tokens before EOS; loops of any period; word salad against the base
-DEFAULTS = {"prompt": "What is the capital of France? Answer in one sentence.", "max_tokens": 48, "backend": "native"}
 LOOP_PERIODS, LOOP_TOKENS = 3, 12  # a loop repeats at least this many times, over at least this many tokens
 DOMINANT_TOKENS = 16               # answers this long fail when one token is more than half of them
 LANGUAGE_MARGIN = 6.0              # nats per token over the base's own answer: word salad (see above)
@@ -147,9 +143,9 @@ def device_name() -> str:
 
 
 def smoke(model_dir: Path, params: dict, out: Path, base_dir: Path | None = None) -> dict:
+    """params: SmokeSpec's fields (tasks/specs.py), the backend resolved to native or fp32; all given."""
     import mlx.core as mx
 
-    params = {**DEFAULTS, **params}
     mx.reset_peak_memory()  # before loading: what running the model takes, weights included
     model, tokenizer = load_as(model_dir, params["backend"])
     prompt, chat = chat_prompt(tokenizer, params["prompt"])
@@ -183,9 +179,6 @@ def smoke(model_dir: Path, params: dict, out: Path, base_dir: Path | None = None
     return {"metrics": rows, "verdict": judged, "text": text, **how}
 
 
-@task(name="smoke", cache_policy=artifact_cache("smoke", CODE_VERSION, loads_model=True), persist_result=True)
-def smoke_task(store: str, params: dict, inputs: list[ArtifactRef]) -> ArtifactRef:
-    """inputs: [the quantized model, the base as downloaded (HF layout)]."""
-    s = Store(store)
-    model_dir, base_dir = s.path(inputs[0]), s.path(inputs[1])
-    return s.produce("smoke", CODE_VERSION, params, inputs, lambda out: smoke(model_dir, params, out, base_dir))
+def build(job) -> dict:
+    """The smoke stage (tasks/registry.py); inputs: [the quantized model, the base as downloaded (HF layout)]."""
+    return smoke(job.inputs[0], job.params, job.out, job.inputs[1])

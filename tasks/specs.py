@@ -6,13 +6,14 @@ machine (a backend, a corpus digest, a task plan), so the stages never fill in d
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DATA = Path(__file__).parent / "data"  # files that ship with qsweep, named "qsweep:<path under tasks/>"
 SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a sweep's, model's or recipe's name: it names folders and repos
-BACKENDS = ("auto", "native", "fp32")
+Backend = Literal["auto", "native", "fp32"]  # how a stage runs the weights (SmokeSpec.backend says what each means)
+BACKENDS = get_args(Backend)
 
 
 def shipped_path(ref: str, relative_to: Path = Path(".")) -> Path:
@@ -22,8 +23,69 @@ def shipped_path(ref: str, relative_to: Path = Path(".")) -> Path:
     return (Path(relative_to) / ref).resolve()
 
 
+def shipped_ref(path: Path) -> str:
+    """How a sweep or recipe names a file, the other way round: "qsweep:<path under tasks/>" for one that
+    ships with qsweep (the same in every checkout), else the path itself."""
+    path, tasks_dir = Path(path).resolve(), Path(__file__).parent.resolve()
+    return f"qsweep:{path.relative_to(tasks_dir).as_posix()}" if path.is_relative_to(tasks_dir) else str(path)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def spec_errors(errors: list[dict], root: type[BaseModel]) -> list[str]:
+    """One line per mistake, sorted: the field's path as the file writes it and what is allowed, e.g.
+    `recipes[0].rules[0].bitz: unknown key; allowed keys: match, layers, bits, group_size, mode, keep`."""
+    out = set()
+    for err in errors:  # ValidationError.errors() of a `root`
+        where, holder = _locate(err["loc"], root)
+        if err["type"] == "extra_forbidden":
+            out.add(f"{where}: unknown key; allowed keys: {', '.join(holder.model_fields if holder else ())}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            out.add(f"{where}: {msg}" if where else msg)
+    return sorted(out)
+
+
+def _locate(loc: tuple, root: type[BaseModel]) -> tuple[str, type[BaseModel] | None]:
+    """The path as the file writes it, and the model whose keys its last part was looked up in.
+    pydantic puts validators ('function-after[...]') and union branches ('str', 'RecipeSpec') into the
+    path; the file has neither."""
+    where, cls, holder, annotation = "", root, root, None
+    for part in loc:
+        if isinstance(part, str) and part.startswith("function-"):
+            continue
+        if isinstance(part, str) and part in _type_names(annotation):
+            annotation = None  # a union's branch: the part after it is the file's again
+            continue
+        holder = cls
+        if isinstance(part, int):
+            where += f"[{part}]"
+            continue
+        where += ("." if where else "") + part
+        field = cls.model_fields.get(part) if cls else None
+        annotation = field.annotation if field else None
+        cls = _model_in(annotation)
+    return where, holder
+
+
+def _args(annotation) -> list:
+    """Every type inside an annotation: list[Annotated[str | RecipeSpec, ...]] -> [Annotated..., str | RecipeSpec, str, ...]."""
+    out, todo = [], list(get_args(annotation))
+    while todo:
+        a = todo.pop(0)
+        out.append(a)
+        todo += get_args(a)
+    return out
+
+
+def _type_names(annotation) -> set[str]:
+    return {a.__name__ if isinstance(a, type) else str(a) for a in _args(annotation)} if annotation else set()
+
+
+def _model_in(annotation) -> type[BaseModel] | None:
+    return next((a for a in [annotation, *_args(annotation)] if isinstance(a, type) and issubclass(a, BaseModel)), None)
 
 
 class SmokeSpec(Strict):
@@ -31,7 +93,7 @@ class SmokeSpec(Strict):
     max_tokens: int = Field(48, ge=1, le=4096)
     # auto: native kernels on a GPU (the weights as users run them), the weights dequantized to fp32 on a CPU,
     # where mlx's quantized kernels with float16 scales run ~25x slower than fp32; rows and cards say which
-    backend: Literal["auto", "native", "fp32"] = "auto"
+    backend: Backend = "auto"
 
     @field_validator("prompt")
     @classmethod
@@ -49,7 +111,7 @@ class BenchmarkSpec(Strict):
     chat_template: bool = False  # multiple-choice scores skew with it on; the card says which
     seed: int = 0
     batch_size: int = Field(16, ge=1)
-    backend: Literal["auto", "native", "fp32"] = "auto"  # auto: native kernels on a GPU, dequantized fp32 on a CPU
+    backend: Backend = "auto"  # auto: native kernels on a GPU, dequantized fp32 on a CPU
     data: Literal["auto", "offline", "hub"] = "auto"  # auto: the offline copies when the hub is unreachable
 
 
@@ -61,7 +123,7 @@ class FidelitySpec(Strict):
     window: int = Field(512, ge=16)  # tokens per window; its second half is scored, as llama-perplexity does
     windows: int = Field(12, ge=1)
     top_k: int = Field(4096, ge=1, le=262144)  # base log-probs kept per position, plus the rest's mass
-    backend: Literal["auto", "native", "fp32"] = "auto"
+    backend: Backend = "auto"
 
     @field_validator("corpus")
     @classmethod

@@ -12,7 +12,14 @@ def pytest_collection_modifyitems(items):
     order = [f for f in LONG[:2] if f in files] + short[:2] + [f for f in LONG[2:] if f in files] + short[2:]
     items.sort(key=lambda item: order.index(item.path.name))  # stable: tests keep their order in a file
 
-from tasks.demo_model import make_demo_model
+import os
+import tempfile
+from pathlib import Path
+
+# Flows run in this process (the `measured` store) talk to a temporary Prefect server of their own.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="qsweep-test-prefect-"))
+
+from tasks.demo_model import make_demo_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -24,44 +31,37 @@ def tiny_model(tmp_path_factory):
 MEASURED_RECIPES = ("bf16", "q4", "qx86-hi")
 
 
-def measure_cell(store, history, model: str, resolved: dict, recipe, run_id: str = "test") -> dict:
-    """One cell's measuring stages through the store, recorded in DuckDB as the cell flow records
-    them (without Prefect, to stay fast); returns its artifacts by stage."""
-    import json
-
-    from tasks import benchmark, download, fidelity, quantize, smoke
+def test_cell(model: str, resolved: dict, recipe, export_to: Path, **publish):
+    """A cell as flows/cells.plan_cells plans it, with small settings: the parameters come from the specs."""
+    from flows.cells import Cell
+    from tasks.download import key_params
     from tasks.offline_tasks import plan_tasks
+    from tasks.specs import BenchmarkSpec, FidelitySpec, SmokeSpec
 
-    def stage(name, version, params, inputs, build):
-        ref = store.produce(name, version, params, inputs, build)
-        history.record_stage(run_id, model, recipe.name, name, ref.key, "done", ref.reused, 0.1)
-        info = store.manifest(ref)["info"]
-        history.record_metrics(run_id, model, recipe.name, name, ref.key, info.get("metrics", []))
-        samples = store.path(ref) / "samples.jsonl"
-        if samples.exists():
-            history.record_samples(model, recipe.name, ref.key, [json.loads(x) for x in samples.read_text().splitlines()])
-        return ref
+    fidelity = {**FidelitySpec(window=64, windows=2).model_dump(exclude={"enabled"}), "backend": "fp32"}
+    bench = {**BenchmarkSpec(tasks=["qsweep_demo_mc"], limit=8, batch_size=8).model_dump(exclude={"data"}),
+             "backend": "native", "plan": plan_tasks(["qsweep_demo_mc"])}
+    params = {"download": key_params(resolved), "quantize": recipe.params(),
+              "smoke": {**SmokeSpec(prompt="Say hello.", max_tokens=8).model_dump(), "backend": "native"},
+              "benchmark": bench, "reference": fidelity, "fidelity": fidelity,
+              "publish": publish_params(model, resolved, recipe, **publish)}
+    return Cell(model, recipe.name, resolved, params, export_to=str(export_to))
 
-    fid = {**fidelity.DEFAULTS, "window": 64, "windows": 2, "backend": "fp32"}
-    r = {"download": stage("download", download.CODE_VERSION, download.key_params(resolved), [],
-                           lambda out: download.download(resolved, out))}
-    r["quantize"] = stage("quantize", quantize.CODE_VERSION, recipe.params(), [r["download"]],
-                          lambda out: quantize.quantize(store.path(r["download"]), recipe, out))
-    smoke_params = {"prompt": "Say hello.", "max_tokens": 8}
-    r["smoke"] = stage("smoke", smoke.CODE_VERSION, smoke_params, [r["quantize"], r["download"]],
-                       lambda out: smoke.smoke(store.path(r["quantize"]), smoke_params, out, store.path(r["download"])))
-    bench = {"tasks": ["qsweep_demo_mc"], "limit": 8, "batch_size": 8, "plan": plan_tasks(["qsweep_demo_mc"])}
-    r["benchmark"] = stage("benchmark", benchmark.CODE_VERSION, bench, [r["quantize"]],
-                           lambda out: {"metrics": benchmark.benchmark(store.path(r["quantize"]), bench, out)})
-    r["reference"] = stage("reference", fidelity.CODE_VERSION, fid, [r["download"]],
-                           lambda out: fidelity.reference(store.path(r["download"]), fid, out))
-    r["fidelity"] = stage("fidelity", fidelity.CODE_VERSION, fid, [r["quantize"], r["reference"]],
-                          lambda out: fidelity.fidelity(store.path(r["quantize"]), store.path(r["reference"]), fid, out))
-    return r
+
+test_cell.__test__ = False  # a helper, not a test
+
+
+def measure_cell(store, model: str, resolved: dict, recipe, run_id: str = "test") -> dict:
+    """One cell through the real cell flow (Prefect, the stage registry, the metric history);
+    returns its artifacts by stage."""
+    from flows.cell import cell
+
+    planned = test_cell(model, resolved, recipe, store.root / "published" / f"{model}-{recipe.name}-mlx")
+    return cell(store=str(store.root), run_id=run_id, cell=planned)
 
 
 def publish_params(model: str, resolved: dict, recipe, **change) -> dict:
-    """The publish settings a sweep prepares for a cell (flows/sweep.plan_cells)."""
+    """The publish settings a sweep prepares for a cell (flows/cells.plan_cells)."""
     from tasks import download
 
     return {"model": model, "recipe": recipe.params(), "recipe_description": recipe.description,
@@ -74,14 +74,24 @@ def measured(tiny_model, tmp_path_factory):
     """A store where the tiny model went through bf16, q4 and qx86-hi, with its metric history and
     the comparisons against bf16: (store, {recipe: refs by stage}, resolved source)."""
     from flows.compare import record_comparisons
-    from storage.artifacts import Store
-    from storage.metrics import MetricStore
+    from storage.workspace import open_store
     from tasks.download import resolve_source
     from tasks.recipes import BUILTINS
 
-    store = Store(tmp_path_factory.mktemp("measured"))
-    history = MetricStore(store.metrics_db)
+    store = open_store(tmp_path_factory.mktemp("measured"))
     resolved = resolve_source(str(tiny_model))
-    refs = {name: measure_cell(store, history, "tiny", resolved, BUILTINS[name]) for name in MEASURED_RECIPES}
+    refs = {name: measure_cell(store, "tiny", resolved, BUILTINS[name]) for name in MEASURED_RECIPES}
     record_comparisons(str(store.root), "bf16")
     return store, refs, resolved
+
+
+def pytest_sessionfinish(session):
+    """Stop the temporary Prefect server of in-process flows while pytest still holds the streams its
+    goodbye is logged to (at exit they are closed, and logging prints a traceback instead)."""
+    import sys
+
+    if "prefect.server.api.server" in sys.modules:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.artifacts import MANIFEST, Store, artifact_key
+from storage.artifacts import Store, artifact_key
+from storage.digests import MANIFEST
 from storage.keys import tool_versions
 
 PARAMS = {"bits": 4, "note": "x"}
@@ -98,7 +99,7 @@ def test_failed_build_leaves_nothing(tmp_path, error):
     with pytest.raises(type(error)):
         store.produce("quantize", "1", PARAMS, [], build)
     key = artifact_key("quantize", "1", PARAMS, [])
-    assert store.get("quantize", key) is None
+    assert store.current("quantize", key) is None
     assert not store.path("quantize", key).exists() and leftovers(store) == []
 
     built = Build()
@@ -136,7 +137,7 @@ def test_tampered_artifact_is_moved_aside_and_rebuilt(tmp_path, tamper):
     tamper(Store(tmp_path).path(ref))
 
     store = Store(tmp_path)  # the next run
-    assert store.get("quantize", ref.key) is None
+    assert store.current("quantize", ref.key) is None
     assert not store.path(ref).exists()
     [aside] = leftovers(store)
     assert aside.startswith(f".corrupt-{ref.key}")
@@ -144,7 +145,7 @@ def test_tampered_artifact_is_moved_aside_and_rebuilt(tmp_path, tamper):
     again = store.produce("quantize", "1", PARAMS, [], build)
     assert build.calls == 2 and again.reused is False
     assert (again.key, again.digest) == (ref.key, ref.digest)
-    assert Store(tmp_path).get("quantize", ref.key) == replace(again, reused=True)
+    assert Store(tmp_path).current("quantize", ref.key) == replace(again, reused=True)
     assert json.loads((store.path(again) / MANIFEST).read_text())["digest"] == ref.digest
     assert os.listdir(store.path(again) / "sub") == ["notes.txt"]
 

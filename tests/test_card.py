@@ -56,6 +56,9 @@ def test_card_passes_huggingface_hubs_own_parsing_with_a_model_index(measured):
 
 
 def test_official_benchmarks_name_their_hub_datasets_and_short_names():
+    from tasks.offline_tasks import OFFLINE
+
+    assert set(cards.DATASETS) == set(OFFLINE)  # every benchmark qsweep knows offline has a model-index entry
     for task, (dataset, config, name, short) in cards.DATASETS.items():
         assert "/" in dataset and name and short, task
     assert [cards.short_name(t) for t in cards.DATASETS] == ["ARC-C", "ARC-E", "BoolQ", "HellaSwag", "OBQA", "PIQA",

@@ -36,6 +36,15 @@ def test_sql_formats(store, capsys):
     assert json.loads(capsys.readouterr().out)[1] == {"recipe": "q4", "metric": "acc_norm", "value": 0.6}
 
 
+def test_sql_table_keeps_each_row_on_one_line_off_a_terminal(store, capsys):
+    """Captured or piped, a table is never wrapped to 80 columns, and a cell is shown as written, not as markup."""
+    long = "x" * 150
+    assert main(["--store", str(store), "sql", f"SELECT '{long}' AS wide, '[bold]q4[/bold]' AS markup, 0.5 AS value"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[2].split() == [long, "[bold]q4[/bold]", "0.5"]
+    assert all(line == line.rstrip() for line in lines)
+
+
 def test_sql_is_read_only(store, capsys):
     assert main(["--store", str(store), "sql", "DELETE FROM metrics"]) == 2
     assert "read-only" in capsys.readouterr().err.lower()

@@ -35,6 +35,9 @@ def test_good_sweep_parses():
     ({**GOOD, "benchmark": {"limt": 5}}, "benchmark.limt", "tasks, limit, num_fewshot"),
     ({**GOOD, "recipes": [{"name": "r", "bits": 4, "rules": [{"match": "x", "bitz": 8}]}]},
      "recipes[0].rules[0].bitz", "match, layers, bits, group_size, mode, keep"),
+    ({**GOOD, "recipes": [{"name": "r", "bits": 4, "str": 8}]}, "recipes[0].str", "name, bits, group_size"),
+    ({**GOOD, "card": {"compare_with": [{"model": "m", "recipe": "q4", "task": "arc"}]}},
+     "card.compare_with[0].task", "model, recipe"),
 ])
 def test_unknown_key(data, where, allowed):
     message = error(data)

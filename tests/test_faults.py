@@ -80,7 +80,7 @@ QUANTIZE = textwrap.dedent("""
     from tasks import quantize
     from tasks.recipes import get_recipe
     store, base = Store(sys.argv[1]), None
-    [base] = [store.get("download", p.name) for p in (store.root / "artifacts" / "download").iterdir()]
+    [base] = [store.current("download", p.name) for p in (store.root / "artifacts" / "download").iterdir()]
     recipe = get_recipe("bf16")
     try:
         store.produce("quantize", quantize.CODE_VERSION, recipe.params(), [base],

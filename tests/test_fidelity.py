@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, processors
 
-from tasks.benchmark import load_as
-from tasks.fidelity import adds_bos, corpus_path, fidelity, reference, windows
+from tasks.fidelity import adds_bos, fidelity, reference, windows
+from tasks.loading import load_as
 from tasks.quantize import quantize
 from tasks.recipes import BUILTINS
+from tasks.specs import FidelitySpec, shipped_path
 
-PARAMS = {"corpus": "qsweep:data/hamlet.txt", "window": 128, "windows": 6, "top_k": 4096, "backend": "fp32"}
+# What a sweep hands the stages: the spec's fields (small windows), the backend resolved.
+PARAMS = FidelitySpec(window=128, windows=6).model_dump(exclude={"enabled"}) | {"backend": "fp32"}
 LADDER = ["q8", "q6", "q5", "q4", "q3", "q2"]
 
 
@@ -116,7 +118,7 @@ def bos_model(tiny_model, tmp_path_factory):
 
 
 def corpus_tokens(tokenizer) -> list[int]:
-    return tokenizer.encode(corpus_path(PARAMS["corpus"]).read_text(encoding="utf-8"), add_special_tokens=False)
+    return tokenizer.encode(shipped_path(PARAMS["corpus"]).read_text(encoding="utf-8"), add_special_tokens=False)
 
 
 def test_no_bos_unless_the_tokenizer_adds_one(tiny_model, tmp_path):
@@ -157,7 +159,7 @@ def perplexity_by_hand(model_dir, window: int, count: int) -> tuple[float, int]:
     """llama.cpp's perplexity(), written out: tokenize with the tokenizer's special tokens, cut into chunks,
     BOS over each chunk's first token if the vocab adds BOS, score positions first+1 .. n_ctx-1."""
     model, tok = load_as(model_dir, "fp32")
-    tokens = tok.encode(corpus_path(PARAMS["corpus"]).read_text(encoding="utf-8"))  # add_special=true
+    tokens = tok.encode(shipped_path(PARAMS["corpus"]).read_text(encoding="utf-8"))  # add_special=true
     first, nll, scored = window // 2, 0.0, 0
     for i in range(count):
         chunk = list(tokens[i * window:(i + 1) * window])

@@ -93,9 +93,10 @@ def test_publish_download_and_delete(hub, folder, tmp_path):
     assert load_file(hf_hub_download("alice/tiny", "model.safetensors", token=ALICE, cache_dir=tmp_path / "c2"))["w"][2, 3] == 11
     assert hub.contents("alice/tiny") == {p.name: p.read_bytes() for p in folder.iterdir()}
 
-    # Unchanged files are not sent again: no commit at all.
-    alice.upload_folder(repo_id="alice/tiny", folder_path=folder)
-    assert len(hub.commits["alice/tiny"]) == 1
+    # Unchanged files are not sent again: no commit at all, and no LFS bytes (the batch API says it has them).
+    again = alice.upload_folder(repo_id="alice/tiny", folder_path=folder)
+    assert len(hub.commits["alice/tiny"]) == 1 and again.oid == first.oid
+    assert len([r for r in hub.requests if r["method"] == "PUT"]) == 1
 
     # A second commit: a delete and an add. The first commit stays readable by its sha.
     second = alice.create_commit("alice/tiny", [CommitOperationDelete("config.json"),

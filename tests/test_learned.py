@@ -3,7 +3,10 @@ import json
 import mlx.core as mx
 import pytest
 
-from tasks.learned import CALIBRATION, calibration_data, learned_quantize
+from tasks.learned import calibration_data, learned_quantize
+from tasks.specs import shipped_path
+
+CALIBRATION = shipped_path("qsweep:data/calibration.txt")
 
 METHODS = ("gptq", "awq")
 BITS, GROUP_SIZE = 4, 32
@@ -42,6 +45,21 @@ def test_calibration_data_is_seeded_windows_of_the_text(tiny_model):
     tokens = tokenizer.encode(CALIBRATION.read_text(), verbose=False)
     windows = {tuple(tokens[i : i + 64]) for i in range(0, len(tokens) - 63, 64)}
     assert all(tuple(row) in windows for row in a.tolist())
+
+
+def test_calibration_windows_are_those_a_seeded_global_generator_picks(tiny_model):
+    """The windows that seeding the global generator right before the draw picks (as mlx-lm's
+    load_data draws them, and as this module once did), from an explicit key instead: stored
+    learned models keep their meaning, and threads do not share a generator."""
+    from mlx_lm import load
+
+    _, tokenizer = load(str(tiny_model))
+    for seed in (0, 3):
+        ours = calibration_data(tokenizer, CALIBRATION, -1, 64, seed=seed)
+        tokens = mx.array(tokenizer.encode(CALIBRATION.read_text(), verbose=False))
+        windows = tokens[: (tokens.size // 64) * 64].reshape(-1, 64)
+        mx.random.seed(seed)
+        assert mx.array_equal(ours, windows[mx.random.permutation(windows.shape[0])])
 
 
 @pytest.mark.parametrize("method", METHODS)

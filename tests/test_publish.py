@@ -12,8 +12,10 @@ from mlx_lm import load
 
 from conftest import publish_params
 from hub_server import FakeHub
-from storage.artifacts import MANIFEST, Store
+from storage.artifacts import Store
+from storage.digests import MANIFEST
 from storage.metrics import MetricStore
+from tasks import card as cards
 from tasks import publish
 from tasks.publish import PublishError
 from tasks.recipes import BUILTINS
@@ -28,10 +30,18 @@ def store(measured, tmp_path):
     return Store(shutil.copytree(measured[0].root, tmp_path / "store"))
 
 
+def card_and_delivery(store, params, refs, dest, allow_gated=False):
+    """What a sweep's publish step does: the card as a stored artifact, then its delivery."""
+    params, facts = publish.card_params(store, params, refs)
+    card = store.produce("publish", publish.CODE_VERSION, params, publish.card_inputs(refs),
+                         lambda out: cards.write(facts, out))
+    return card, publish.deliver(store, card, refs["quantize"], params, dest, allow_gated)
+
+
 def run_publish(store, measured, dest, recipe="qx86-hi", **change):
-    """The publish stage as a sweep runs it; returns (card text, receipt)."""
+    """The publish step for one cell; returns (card text, receipt)."""
     _, refs, resolved = measured
-    card, receipt = publish.publish(store, publish_params("tiny", resolved, BUILTINS[recipe], **change), refs[recipe], dest)
+    card, receipt = card_and_delivery(store, publish_params("tiny", resolved, BUILTINS[recipe], **change), refs[recipe], dest)
     return (store.path(card) / "README.md").read_text(), receipt
 
 
@@ -97,6 +107,22 @@ def test_repo_without_token_exports_locally(measured, store, tmp_path, no_stored
     assert 'load("me/tiny-qx86-hi-mlx")' in card
 
 
+def test_delivering_a_delivered_card_again_touches_nothing(measured, store, tmp_path, hub):
+    dest, repo = tmp_path / "export", "alice/tiny-qx86-hi-mlx"
+    _, first = run_publish(store, measured, dest, repo_id=repo)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
+    requests = len(hub.requests)
+    _, again = run_publish(store, measured, dest, repo_id=repo)
+    assert again == first and len(hub.requests) == requests  # not one request to the hub
+    assert {p.name: p.stat().st_mtime_ns for p in dest.iterdir()} == mtimes  # nor one file rewritten
+
+    _, held = run_publish(store, measured, dest, repo_id=repo, gates=STRICT)  # held back, then the same again
+    mtimes = {p.name: p.stat().st_mtime_ns for p in publish.held_at(store, dest).iterdir()}
+    assert run_publish(store, measured, dest, repo_id=repo, gates=STRICT)[1] == held
+    assert {p.name: p.stat().st_mtime_ns for p in publish.held_at(store, dest).iterdir()} == mtimes
+    assert len(hub.requests) == requests and len(hub.commits[repo]) == 1
+
+
 def test_a_deleted_export_is_not_delivered(measured, store, tmp_path):
     run_publish(store, measured, tmp_path / "export")
     key = next((store.root / "artifacts" / "publish").iterdir()).name
@@ -134,7 +160,7 @@ def test_a_gated_cell_goes_out_only_when_allowed_with_its_banner(measured, store
     assert "alice/tiny-qx86-hi-mlx" not in hub.hosted and receipt["uploaded"] is None  # never uploaded
     _, refs, resolved = measured
     params = publish_params("tiny", resolved, BUILTINS["qx86-hi"], gates=STRICT, repo_id="alice/tiny-qx86-hi-mlx")
-    card_ref, receipt = publish.publish(store, params, refs["qx86-hi"], dest, allow_gated=True)
+    card_ref, receipt = card_and_delivery(store, params, refs["qx86-hi"], dest, allow_gated=True)
     assert receipt["uploaded"]["repo"] == "alice/tiny-qx86-hi-mlx" and not (store.root / "gated" / "export").exists()
     assert "failed qsweep's quality gates" in hub.contents("alice/tiny-qx86-hi-mlx")["README.md"].decode()
     text, plan, failed = publish.dry_run(store, params, refs["qx86-hi"])
@@ -152,7 +178,8 @@ def test_upload_creates_a_private_repo_in_one_commit_naming_recipe_and_key(measu
     remote = hub.contents("alice/tiny-qx86-hi-mlx")
     local = {p.name: p.read_bytes() for p in (tmp_path / "export").iterdir() if p.name != publish.RECEIPT}
     assert remote == local and remote["README.md"].decode() == card
-    assert receipt["uploaded"]["repo"] == "alice/tiny-qx86-hi-mlx"
+    assert receipt["uploaded"]["repo"] == "alice/tiny-qx86-hi-mlx" and receipt["uploaded"]["created"]
+    assert receipt["uploaded"]["commit"].endswith(commit["sha"])
     assert leaked(TOKEN, store.root, tmp_path) == []
 
 
@@ -160,9 +187,11 @@ def test_republishing_sends_nothing_and_a_new_sibling_sends_only_the_card(measur
     repo = "alice/tiny-qx86-hi-mlx"
     run_publish(store, measured, tmp_path / "export", repo_id=repo)
     shutil.rmtree(tmp_path / "export")  # delivered again, but the hub already holds every file
+    requests = len(hub.requests)
     _, receipt = run_publish(store, measured, tmp_path / "export", repo_id=repo)
     assert len(hub.commits[repo]) == 1 and receipt["uploaded"]["commit"] is None
-    assert receipt["uploaded"]["operations"][0].startswith("nothing to send")
+    assert not receipt["uploaded"]["created"] and receipt["uploaded"]["deleted"] == []
+    assert not [r for r in hub.requests[requests:] if r["method"] == "PUT"]  # no weights sent again either
 
     with MetricStore(store.metrics_db).connect() as con:  # as if a sibling had finished since
         con.execute("UPDATE metrics SET value = 1 - value WHERE recipe = 'q4' AND metric = 'acc'")
@@ -180,9 +209,17 @@ def test_stale_model_files_go_and_the_publishers_own_files_stay(measured, store,
         CommitOperationAdd(path_in_repo="model-00002-of-00002.safetensors", path_or_fileobj=b"an old shard"),
         CommitOperationAdd(path_in_repo="images/chart.png", path_or_fileobj=b"the publisher's own")],
         commit_message="by hand")
-    plan = publish.plan_upload(tmp_path / "export", repo, True, "again", publish.remote_files(HfApi(), repo))
+    _, refs, resolved = measured
+    params = publish_params("tiny", resolved, BUILTINS["qx86-hi"], repo_id=repo)
+    _, plan, _ = publish.dry_run(store, params, refs["qx86-hi"])  # what --dry-run says
     assert plan.delete == ["model-00002-of-00002.safetensors"] and plan.kept == ["images/chart.png"]
     assert plan.add == [] and not plan.create
+
+    shutil.rmtree(tmp_path / "export")  # delivered again: what it does
+    _, receipt = run_publish(store, measured, tmp_path / "export", repo_id=repo)
+    assert hub.commits[repo][-1]["operations"] == [("delete", "model-00002-of-00002.safetensors")]
+    assert receipt["uploaded"]["deleted"] == plan.delete and receipt["uploaded"]["kept"] == plan.kept
+    assert hub.contents(repo)["images/chart.png"] == b"the publisher's own"
 
 
 def test_hub_errors_are_clear_and_keep_every_local_result(measured, store, tmp_path, hub, monkeypatch):

@@ -1,7 +1,11 @@
 """quantize: every built-in recipe on the tiny model, checked with mlx-lm and safetensors."""
 
+import hashlib
 import json
+import re
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -149,6 +153,84 @@ def test_same_weights_and_config_as_mlx_lm_convert(quantized, tiny_model, tmp_pa
 
     convert(str(tiny_model), mlx_path=str(tmp_path / "peer"), quantize=True, **PEERS[name])
     assert_same_as_convert(quantized[name][0], tmp_path / "peer")
+
+
+def digests(model_dir: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(model_dir.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("name, weights", [("q4", None), ("qx86-hi", None), ("mxfp4", None), ("bf16", "float32")])
+def test_every_file_as_mlx_lm_convert_writes_it(tiny_model, tmp_path, name, weights):
+    """Byte for byte what mlx_lm.convert writes when handed the same recipe: its options and the
+    plan as quant_predicate. bf16 starts from float32 weights, so its cast is what is compared."""
+    from mlx_lm import convert
+
+    from tasks.plan import plan_for
+    from tasks.quantize import quant_predicate
+
+    recipe = BUILTINS[name]
+    base = source(tiny_model, tmp_path / "base", weights, torch_dtype=weights) if weights else tiny_model
+    quantize(base, recipe, tmp_path / "ours")
+    q = recipe.quantizes_any
+    convert(str(base), mlx_path=str(tmp_path / "peer"), quantize=q, q_bits=recipe.bits,
+            q_group_size=recipe.group_size if q else None, q_mode=recipe.mode, dtype=recipe.dtype,
+            quant_predicate=quant_predicate(plan_for(recipe, base)) if q else None)
+    ours, peer = digests(tmp_path / "ours"), digests(tmp_path / "peer")
+    assert "model.safetensors" in ours and "config.json" in ours
+    assert ours == peer
+
+
+def test_two_quantizes_in_threads_overlap_and_other_output_gets_through(tmp_path, capfd, monkeypatch):
+    """No process-wide lock or stdout swap: two cells' quantize stages work at the same time, every
+    line a third thread prints meanwhile reaches the real stdout, and each writes what it writes alone."""
+    import mlx_lm.utils
+
+    from tasks.demo_model import make_demo_model
+
+    # ~180 MB of bfloat16: one quantize takes ~0.5 s on 2 cores, long enough to see the overlap.
+    base = make_demo_model(tmp_path / "base", hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                           num_attention_heads=8, num_key_value_heads=4, head_dim=128)
+    spans, saves, printed = {}, {}, []
+
+    # The weights load and quantize lazily: mlx-lm's save is where they are computed and written.
+    # Timing it (the real one runs) tells two calls working at once from one waiting for the other.
+    real_save = mlx_lm.utils.save
+
+    def timed_save(dst, *args, **kwargs):
+        start = time.monotonic()
+        real_save(dst, *args, **kwargs)
+        saves[Path(dst).name] = (start, time.monotonic())
+
+    monkeypatch.setattr(mlx_lm.utils, "save", timed_save)
+
+    def run(name):
+        start = time.monotonic()
+        quantize(base, BUILTINS[name], tmp_path / name)
+        spans[name] = (start, time.monotonic())
+
+    def chatter():
+        while any(t.is_alive() for t in cells):
+            printed.append(f"<third thread {len(printed)}>")
+            print(printed[-1], flush=True)
+            time.sleep(0.02)
+
+    cells = [threading.Thread(target=run, args=(name,)) for name in ("q4", "q8")]
+    for t in cells:
+        t.start()
+    third = threading.Thread(target=chatter)
+    third.start()
+    for t in cells + [third]:
+        t.join()
+
+    for timed in (spans, saves):
+        (a0, a1), (b0, b1) = timed["q4"], timed["q8"]
+        assert max(a0, b0) < min(a1, b1), timed  # each starts before the other ends
+    # print() writes the text and the newline apart, so lines of two threads may interleave mid-line.
+    assert len(printed) > 5 and re.findall(r"<third thread \d+>", capfd.readouterr().out) == printed
+    monkeypatch.undo()
+    for name in ("q4", "q8"):
+        quantize(base, BUILTINS[name], tmp_path / f"{name}-alone")
+        assert digests(tmp_path / name) == digests(tmp_path / f"{name}-alone"), name
 
 
 def assert_same_as_convert(ours: Path, theirs: Path):

@@ -119,12 +119,12 @@ def test_rules_with_layers_apply_by_index():
 # ---- mlx-lm's mixed recipes, as our rules
 def lazy_llama(n_layers: int):
     """A llama built from a config alone: parameters are never evaluated, so nothing is allocated."""
-    from mlx_lm.utils import _get_classes
+    from tasks.compat import model_classes
 
     config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": n_layers,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "rms_norm_eps": 1e-5,
               "tie_word_embeddings": False}
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     return model_class(args_class.from_dict(config))
 
 

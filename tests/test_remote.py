@@ -8,9 +8,11 @@ import uuid
 import fsspec
 import pytest
 
-from storage.artifacts import MANIFEST, Store, digest_files, scan_files
+from storage.artifacts import Store
+from storage.digests import MANIFEST, digest_files, scan_files
 from storage.metrics import MetricStore
 from storage.remote import Mirror, redact
+from storage.workspace import open_store
 
 PARAMS = {"bits": 4}
 
@@ -52,7 +54,7 @@ def test_pull_on_another_machine_gets_the_same_artifact(pushed, tmp_path):
     assert mirror.pull(ref.stage, ref.key, dest) is True
     dest.rename(b.path(ref))
 
-    got = b.get(ref.stage, ref.key)  # the store's own verification accepts it
+    got = b.current(ref.stage, ref.key)  # the store's own verification accepts it
     assert got is not None and got.digest == ref.digest
     assert (b.path(ref) / "sub" / "deeper" / "notes.txt").read_text() == "notes"
     assert scan_files(b.path(ref)) == scan_files(a.path(ref))
@@ -160,10 +162,10 @@ def test_two_stores_one_mirror_build_each_artifact_once(tmp_path, mirror_url, mo
         built.append(out)
         return build(out)
 
-    a = Store(tmp_path / "a", mirror=mirror_url)
+    a = open_store(tmp_path / "a", mirror=mirror_url)
     ref_a = a.produce("quantize", "1", PARAMS, [], counted)
     monkeypatch.setenv("QSWEEP_MIRROR", mirror_url)  # how a worker's machine is told
-    b = Store(tmp_path / "b")
+    b = open_store(tmp_path / "b")
     ref_b = b.produce("quantize", "1", PARAMS, [], counted)
     assert len(built) == 1 and ref_b.reused and ref_b.digest == ref_a.digest
     assert scan_files(b.path(ref_b)) == scan_files(a.path(ref_a))
@@ -174,7 +176,7 @@ def test_two_stores_one_mirror_build_each_artifact_once(tmp_path, mirror_url, mo
     fs.pipe_file(f"{root}/smoke/{ref2.key}/model.bin", b"tampered")
     ref2_b = b.produce("smoke", "1", PARAMS, [ref_b], counted)
     assert len(built) == 3 and ref2_b.digest == ref2.digest
-    c = Store(tmp_path / "c")  # and B's push repaired the mirror
+    c = open_store(tmp_path / "c")  # and B's push repaired the mirror
     assert c.produce("smoke", "1", PARAMS, [ref_a], counted).reused and len(built) == 3
     [(kind, stage)] = MetricStore(b.metrics_db).query("SELECT kind, stage FROM events")[1]
     assert (kind, stage) == ("corrupt", "smoke")

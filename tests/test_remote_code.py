@@ -55,7 +55,7 @@ LOAD = """
 import sys
 from pathlib import Path
 from tasks import remote_code
-from tasks.benchmark import load_as
+from tasks.loading import load_as
 try:
     load_as(Path(sys.argv[1]), "fp32")
 except ValueError as e:
@@ -88,7 +88,7 @@ Path(os.environ["RAN"]).write_text("the model's code ran")
 
 def test_a_model_with_its_own_architecture_quantizes_and_loads_only_when_allowed(tiny_model, tmp_path, monkeypatch):
     from tasks import quantize
-    from tasks.benchmark import load_as
+    from tasks.loading import load_as
     from tasks.recipes import BUILTINS
 
     model, ran = tmp_path / "own", tmp_path / "ran"

@@ -91,6 +91,13 @@ def test_pareto_front_ties_duplicates_and_a_single_point():
     assert pareto_front([], higher_is_better=True) == []
 
 
+def test_sizes_read_in_decimal_units():
+    from tasks.tables import human_bytes
+
+    assert [human_bytes(n) for n in (None, 850, 12_345, 269_123_456, 999_960_000, 1.6e9)] == [
+        "", "850 B", "12.3 kB", "269.1 MB", "1.0 GB", "1.6 GB"]
+
+
 def test_slugify_keeps_file_names_safe():
     assert slugify("org/tiny model") == "org-tiny-model"
     assert slugify("SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"

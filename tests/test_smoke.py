@@ -16,9 +16,16 @@ import pytest
 from mlx_lm import generate, load
 
 from flows.blas import blas_env
-from tasks.smoke import DEFAULTS, chat_prompt, loop, smoke, verdict
+from tasks.smoke import chat_prompt, loop, smoke, verdict
+from tasks.specs import SmokeSpec
 
 PROMPT = "What color is the sky?"
+
+
+def params(backend: str = "native", **spec) -> dict:
+    """What a sweep hands the stage: the spec's fields, the backend resolved."""
+    return SmokeSpec(**spec).model_dump() | {"backend": backend}
+
 FRANCE = "What is the capital of France? Answer in one sentence."
 LANGUAGE = [  # real answers to FRANCE that are language, the base judging
     "Paris.",  # short answers surprise the base (it says "The capital of France is Paris."): 2 tokens, not judged
@@ -35,7 +42,7 @@ def measure_demo(root: str) -> None:
     """The demo base, its bf16, q8 and q2, each one's smoke on FRANCE, and the base's scores of LANGUAGE
     and SHUFFLED, into root/measured.json. fp32 runs the quantized weights dequantized (the quantized
     kernels crawl on a CPU; the native path is checked on the tiny model below)."""
-    from tasks.benchmark import load_as
+    from tasks.loading import load_as
     from tasks.download import download, resolve_source
     from tasks.quantize import quantize
     from tasks.recipes import BUILTINS
@@ -49,7 +56,7 @@ def measure_demo(root: str) -> None:
     for name in ("bf16", "q8", "q2"):
         out = root / f"smoke-{name}"
         out.mkdir()
-        info = smoke(root / name, {"prompt": FRANCE, "max_tokens": 16, "backend": "fp32"}, out, base_dir=root / "base")
+        info = smoke(root / name, params("fp32", prompt=FRANCE, max_tokens=16), out, base_dir=root / "base")
         found["smoke"][name] = json.loads((out / "smoke.json").read_text()), {r["metric"]: r for r in info["metrics"]}
     base, tokenizer = load_as(root / "base", "fp32")
     prompt, _ = chat_prompt(tokenizer, FRANCE)
@@ -177,7 +184,7 @@ def test_one_token_dominating_a_long_answer(scorer):
 @pytest.fixture(scope="module")
 def smoked(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
-    info = smoke(tiny_model, {"prompt": PROMPT, "max_tokens": 12}, out, base_dir=tiny_model)
+    info = smoke(tiny_model, params(prompt=PROMPT, max_tokens=12), out, base_dir=tiny_model)
     return out, info
 
 
@@ -201,7 +208,7 @@ def test_smoke_metric_rows(smoked):
     assert rows["generation_tokens_per_s"]["value"] > 0 and rows["prompt_tokens_per_s"]["value"] > 0
     assert rows["peak_memory_gb"]["value"] > 0
     for metric in ("generation_tokens_per_s", "prompt_tokens_per_s", "peak_memory_gb"):
-        assert rows[metric]["backend"] == DEFAULTS["backend"] == "native" and rows[metric]["device"] == "cpu"
+        assert rows[metric]["backend"] == "native" and rows[metric]["device"] == "cpu"
     saved = json.loads((out / "smoke.json").read_text())
     assert rows["generated_tokens"]["value"] == len(saved["tokens"])
     assert rows["degenerate"]["value"] == (0.0 if info["verdict"] == "ok" else 1.0)
@@ -219,7 +226,7 @@ def test_speed_and_memory_come_from_the_quantized_kernels(tiny_model, tmp_path):
     quantize(tiny_model, BUILTINS["q4"], q4)
     out = tmp_path / "out"
     out.mkdir()
-    info = smoke(q4, {"prompt": PROMPT, "max_tokens": 8}, out, base_dir=tiny_model)
+    info = smoke(q4, params(prompt=PROMPT, max_tokens=8), out, base_dir=tiny_model)
     rows = {r["metric"]: r for r in info["metrics"]}
     assert info["backend"] == "native" and info["device"] == "cpu"
     assert rows["peak_memory_gb"]["value"] * 1e9 >= sum(f.stat().st_size for f in q4.glob("*.safetensors"))
@@ -245,11 +252,11 @@ def test_smoke_without_a_chat_template_uses_the_plain_prompt(tiny_model, tmp_pat
     (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
     out.mkdir()
-    info = smoke(model_dir, {"max_tokens": 12}, out)  # no base: no language check
+    info = smoke(model_dir, params(max_tokens=12), out)  # the spec's prompt; no base: no language check
 
     saved = json.loads((out / "smoke.json").read_text())
-    assert saved["chat_template"] is False and saved["prompt"] == DEFAULTS["prompt"]
+    assert saved["chat_template"] is False and saved["prompt"] == SmokeSpec().prompt
     assert saved["language_checked"] is False and "answer_nll" not in saved
     assert not {"answer_nll", "base_answer_nll"} & {r["metric"] for r in info["metrics"]}
     model, tokenizer = load(str(model_dir))
-    assert info["text"] == generate(model, tokenizer, tokenizer.encode(DEFAULTS["prompt"]), max_tokens=12)
+    assert info["text"] == generate(model, tokenizer, tokenizer.encode(SmokeSpec().prompt), max_tokens=12)

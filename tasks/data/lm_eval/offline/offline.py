@@ -18,7 +18,7 @@ from pathlib import Path
 import datasets
 import lm_eval.tasks
 from lm_eval.api.task import ConfigurableTask
-from lm_eval.tasks._yaml_loader import load_yaml
+from tasks.compat import load_task_yaml as load_yaml
 
 
 class Official(ConfigurableTask):
