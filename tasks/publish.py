@@ -28,8 +28,9 @@ from tasks import card as cards
 from tasks.download import MODEL_FILES, redact
 from tasks.gates import describe, failed
 
-CODE_VERSION = "4"  # 2: cards from tasks/card.py, keyed by their facts; 3: provenance line, short huge values;
-# 4: quality gates (a failing cell is held back), score intervals with Holm marks, the author's notes, compare_with
+CODE_VERSION = "5"  # 2: cards from tasks/card.py, keyed by their facts; 3: provenance line, short huge values;
+# 4: quality gates (a failing cell is held back), score intervals with Holm marks, the author's notes, compare_with;
+# 5: sizes in decimal units with one decimal (tasks/tables.human_bytes), '|' escaped in table cells
 RECEIPT = ".qsweep-publish.json"  # in the export folder: which card it holds, where it was uploaded
 
 
