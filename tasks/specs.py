@@ -10,7 +10,6 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-DATA = Path(__file__).parent / "data"  # files that ship with qsweep, named "qsweep:<path under tasks/>"
 SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a sweep's, model's or recipe's name: it names folders and repos
 Backend = Literal["auto", "native", "fp32"]  # how a stage runs the weights (SmokeSpec.backend says what each means)
 BACKENDS = get_args(Backend)
