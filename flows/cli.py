@@ -55,12 +55,11 @@ def cmd_run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from flows.sweep import sweep
+    from flows.console import run_sweep
 
-    state = sweep(sweep_file=str(args.sweep_file), store=str(Path(args.store).resolve()), return_state=True)
-    print()
+    code = run_sweep(args.sweep_file, args.store, verbose=getattr(args, "verbose", False))
     cmd_status(args)
-    return 0 if state.is_completed() else 1
+    return code
 
 
 def cmd_status(args) -> int:
