@@ -14,6 +14,7 @@ from typing import Callable
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows import progress
 from flows.cells import Cell
 from storage.artifacts import ArtifactRef, Store
 from storage.metrics import MetricStore
@@ -75,11 +76,13 @@ def run_recorded(ledger: Ledger, name: str, inputs: list[ArtifactRef], params: d
     # What the Prefect UI lists and filters by: quantize:qx86-hi, download:SmolLM2-135M, tags model:/recipe:
     tags = {f"model:{cell.model}", f"stage:{name}"} | (set() if stage.shared else {f"recipe:{cell.recipe}"})
     started = time.time()
+    progress.emit("started", cell.name, name)
     state = run_stage(stage, ledger.store, params, inputs, extra, run_name=f"{name}:{cell.model if stage.shared else cell.recipe}",
                       tags=frozenset(tags))
     if not state.is_completed():
         error = redact(_error_text(state))
         ledger.stage(name, None, "failed", False, round(time.time() - started, 3), error)
+        progress.emit("failed", cell.name, name, seconds=time.time() - started, detail=error)
         raise StageFailed(f"{cell.name}: {name} failed: {error}")
     ref = state.result()
     ledger.outputs(ref)
@@ -89,8 +92,11 @@ def run_recorded(ledger: Ledger, name: str, inputs: list[ArtifactRef], params: d
     except Exception as e:
         error = redact(f"{type(e).__name__}: {e}")
         ledger.stage(name, ref.key, "failed", False, round(time.time() - started, 3), error)
+        progress.emit("failed", cell.name, name, seconds=time.time() - started, detail=error)
         raise StageFailed(f"{cell.name}: {name} failed: {error}") from None
-    ledger.stage(name, ref.key, "done", ref.reused or state.name == "Cached", round(time.time() - started, 3))
+    cached = ref.reused or state.name == "Cached"
+    ledger.stage(name, ref.key, "done", cached, round(time.time() - started, 3))
+    progress.emit("finished", cell.name, name, cached=cached, seconds=time.time() - started)
     return ref
 
 

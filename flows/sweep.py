@@ -17,6 +17,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.runtime import flow_run
 from prefect.settings import get_current_settings
 
+from flows import progress as events
 from flows.cell import Ledger, cell
 from flows.cells import Cell, SweepFailed, plan_cells, resolve_models, slug, stored_refs
 from flows.compare import record_comparisons
@@ -97,6 +98,9 @@ def sweep(sweep_file: str, store: str = ".qsweep", cell_deployment: str | None =
     ensure_model_slots(config.concurrency.model_slots, reclaim=get_current_settings().api.url is None)
     history.start_run(run_id, config.name, str(sweep_file), digest, socket.gethostname(), tool_versions(),
                       [{"model": c.model, "recipe": c.recipe} for c in cells])
+    for c in cells:  # what the console shows, and which stages the store already holds (they cost ~nothing)
+        events.emit("planned", c.name, detail=",".join(c.stages() + ["publish"]),
+                    stored=tuple(stored_refs(artifacts, c)[0]))
     # What the Prefect UI shows of the run: its progress, a table of finished cells, and each card.
     progress = create_progress_artifact(0.0, key=slug(config.name, "progress"),
                                         description=f"sweep {config.name}: cells measured, then published")
@@ -107,9 +111,11 @@ def sweep(sweep_file: str, store: str = ".qsweep", cell_deployment: str | None =
                                         config.concurrency.model_slots, cell_deployment):
         if refs is not None:
             measured.append((c, refs))
+            events.emit("cell_done", c.name)
         else:
             failed.append(c.name)
             log.error("cell %s failed: %s", c.name, error)
+            events.emit("cell_failed", c.name, detail=str(error))
         finished += 1
         update_progress_artifact(progress, 100 * finished / steps)
         create_table_artifact(history.cell_summary([(c.model, c.recipe) for c, _ in measured]),
@@ -127,6 +133,7 @@ def sweep(sweep_file: str, store: str = ".qsweep", cell_deployment: str | None =
         state = publish_tagged(artifacts, run_id, c, refs)
         if state.is_completed():
             outcomes.append(state.result())  # a cell held back by its gates is not a failure of the sweep
+            events.emit("published", c.name, detail=outcomes[-1]["gated"] or "")
         else:
             failed.append(f"{c.name} (publish)")
             log.error("publishing %s failed: %s", c.name, state.message)
@@ -134,13 +141,17 @@ def sweep(sweep_file: str, store: str = ".qsweep", cell_deployment: str | None =
         update_progress_artifact(progress, 100 * finished / steps)
     update_progress_artifact(progress, 100.0)
     history.finish_run(run_id, "failed" if failed else "completed")
-    if measured:
+    _, [(computed,)] = history.query("SELECT count(*) FROM stages WHERE run_id = ? AND NOT cached", [run_id])
+    if measured and (computed or failed or not (artifacts.root / "report").exists()):
+        # (a run that computed nothing would draw the same report: a third of a cached rerun's time, skipped)
         from tasks.report import write_report
 
         try:  # a picture that cannot be drawn must not fail a sweep whose results are all recorded
             log.info("report: %s", write_report(artifacts.root, artifacts.root / "report")[0])
         except Exception as e:
             log.warning("report not written (`qsweep report` retries it): %s: %s", type(e).__name__, e)
+    if (report := artifacts.root / "report" / "report.html").exists():
+        events.emit("report", detail=str(report))
     if failed:
         raise SweepFailed(f"{len(failed)} of {len(cells)} cells failed: {', '.join(failed)}; see `qsweep status`")
     return outcomes

@@ -1,15 +1,14 @@
 """Tables and cells as qsweep shows them: on the console (through rich) and in Markdown (cards, reports).
 
-A console table fits a terminal's width, folding long cells there; anywhere else (a pipe, a file, a
-test capturing output) it is never wrapped, so each row stays one line for grep and friends. It is
+A console table is never folded into a terminal's width (a header cut into "downloa" / "d" reads
+worse than a line the terminal wraps), so each row stays one line for grep and friends. It is
 plain text either way: no colour, no trailing spaces, a box of ASCII where the output cannot take UTF-8.
 """
 
 import io
-import shutil
 import sys
 
-UNLIMITED = 1 << 20  # the console width off a terminal: rows are never wrapped
+UNLIMITED = 1 << 20  # the console width rich is given: rows are never wrapped
 
 
 def format_value(v) -> str:
@@ -47,7 +46,7 @@ def console_table(columns: list[str], rows: list[list], right: tuple[str, ...] =
         table.add_column(Text(name), justify="right" if numeric or name in right else "left", overflow="fold")
     for row in rows:
         table.add_row(*(Text(format_value(v)) for v in row))
-    width = shutil.get_terminal_size().columns if getattr(out, "isatty", lambda: False)() else UNLIMITED
+    width = UNLIMITED
     console = Console(file=io.StringIO(), width=width, color_system=None, legacy_windows=False)
     with console.capture() as captured:
         console.print(table)
