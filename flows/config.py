@@ -132,7 +132,8 @@ def to_recipe(spec: RecipeSpec) -> Recipe:
     return with_calibration_digest(recipe, Path(".")) if recipe.calibration else recipe
 
 
-def parse_sweep(data, origin: str = "sweep") -> Sweep:
+def parse_sweep(data, origin: str = "sweep", what: str = "sweep file") -> Sweep:
+    """`what` names the input in the message: `qsweep quantize` validates its options as the sweep file they make."""
     if not isinstance(data, dict):
         raise SweepError(f"{origin}: expected a mapping with keys {', '.join(Sweep.model_fields)}")
     try:
@@ -142,7 +143,7 @@ def parse_sweep(data, origin: str = "sweep") -> Sweep:
         # A recipe given as a mapping fails the `str` branch too; that error says nothing useful.
         errors = [x for x in errors if not (x["type"] == "string_type" and "recipes" in x["loc"] and len(errors) > 1)]
         lines = spec_errors(errors, Sweep)
-        raise SweepError(f"{origin}: invalid sweep file:\n  " + "\n  ".join(lines)) from None
+        raise SweepError(f"{origin}: invalid {what}:\n  " + "\n  ".join(lines)) from None
 
 
 def load_sweep(path: Path | str) -> tuple[Sweep, str]:

@@ -74,6 +74,14 @@ def test_duplicate_recipe_names(recipes):
     assert "recipes: duplicate names q4" in message, message
 
 
+def test_the_message_names_what_was_given():
+    """`qsweep quantize` validates its options as the sweep file they make: the fields, and what they are."""
+    with pytest.raises(SweepError) as err:
+        parse_sweep({**GOOD, "recipes": ["q7"]}, "qsweep quantize", what="options (as sweep file fields)")
+    assert str(err.value).startswith("qsweep quantize: invalid options (as sweep file fields):\n  recipes[0]: ")
+    assert ", ".join(BUILTINS) in str(err.value)
+
+
 def test_several_mistakes_are_reported_together():
     message = error({**GOOD, "extra": 1, "benchmark": {"limt": 5}})
     assert "extra: unknown key" in message and "benchmark.limt: unknown key" in message, message
