@@ -2,15 +2,20 @@
 
 This module is the stage: which documents each task evaluates (a seeded sample, drawn the same
 for every recipe), lm-eval's simple_evaluate, and what is kept (results.json, one samples.jsonl
-row per question, metric rows). The model side is elsewhere: tasks/lm_adapter.py (lm-eval's LM),
-tasks/scoring.py (packed, batched scoring), tasks/checkpoint.py (resume after a kill), and
-tasks/loading.py. Importing it imports neither mlx nor lm-eval: the sweep reads LOCAL_TASKS and
-task_manager_for while it validates a sweep file.
+row per question, metric rows). What does not depend on the weights (lm-eval's tasks, the samples,
+the tokens) is built once per process for every recipe of a model (Prepared). The model side is
+elsewhere: tasks/lm_adapter.py (lm-eval's LM), tasks/scoring.py (packed, batched scoring),
+tasks/checkpoint.py (resume after a kill), and tasks/loading.py. Importing it imports neither mlx
+nor lm-eval: the sweep reads LOCAL_TASKS and task_manager_for while it validates a sweep file.
 """
 
+import contextlib
 import functools
 import hashlib
 import json
+import threading
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
@@ -29,6 +34,12 @@ BOOTSTRAP_ITERS = 1000
 # checkout, not with the inputs.
 VOLATILE_KEYS = {"date", "start_time", "end_time", "total_evaluation_time_seconds",
                  "git_hash", "upper_git_hash", "pretty_env_info"}
+# What a model's tokenizer is read from: two recipes of one base share these files byte for byte.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                   "chat_template.json")
+# Prepared tasks kept per process: a sweep benchmarks one model's recipes one after another.
+PREPARED_KEEP = 2
 
 
 @functools.cache
@@ -44,6 +55,110 @@ def task_manager_for(tasks: list[str]):
     return local if all(t in local.all_tasks for t in tasks) else _task_manager(True)
 
 
+@dataclass
+class Prepared:
+    """What a benchmark builds before any model scores, shared by every recipe of a model in a process.
+
+    The lm-eval tasks (built, their documents processed once), the sample drawn from each, and the
+    tokens of every string tok_encode has seen. On the demo (7 tasks, hellaswag's 10,042 documents
+    mapped three times a build) this is seconds a cell (bench/benchmark_stage.py). Used by one
+    benchmark at a time (`lock`): lm-eval keeps a run's requests on the task objects.
+    """
+    manager: object
+    built: list  # lm-eval Tasks and Groups, as simple_evaluate takes them
+    drawn: dict  # lm-eval task -> its sample, recorded in results.json
+    notes: dict  # lm-eval task or group -> how its documents were chosen
+    indices: dict | None  # lm-eval task -> the doc ids to evaluate; None without a limit
+    encoded: dict = field(default_factory=dict)  # tok_encode's memo (tasks/lm_adapter.py)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_prepared: OrderedDict = OrderedDict()
+_prepared_lock = threading.Lock()
+prepared_stats = Counter()  # "built" (a miss), "reused" (a hit), "private" (the entry was busy)
+
+
+def clear_prepared() -> None:
+    with _prepared_lock:
+        _prepared.clear()
+        prepared_stats.clear()
+
+
+def tokenizer_digest(model_dir: Path) -> str:
+    """sha256 over the tokenizer files' names and contents: a base's recipes share it, another base does not."""
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = Path(model_dir) / name
+        if path.is_file():
+            h.update(f"{name}\0{path.stat().st_size}\0".encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def prepare(plan: list[dict], limit: int | None, seed: int, num_fewshot: int) -> Prepared:
+    """The plan's lm-eval tasks, built, few-shot count set, a seeded sample of each drawn."""
+    tasks = [t["run"] for t in plan]
+    manager = task_manager_for(tasks)
+    # Built once and handed to lm-eval built (building maps every document: hellaswag's 10,042).
+    # A group stays a group; with a limit each of its tasks is sampled on its own.
+    built, leaves, groups = [], {}, {}  # leaves: lm-eval task -> (Task, the name its sample is drawn for)
+    for t in plan:
+        loaded = manager.load(t["run"])
+        group = loaded["groups"].get(t["run"])
+        built += [group] if group is not None else list(loaded["tasks"].values())
+        groups.update(loaded["groups"])
+        for obj in loaded["tasks"].values():
+            compat.pin_eval_docs(obj)  # its documents processed once, not on every read
+            # As simple_evaluate(num_fewshot=n) sets it (a task whose YAML says 0 keeps 0), but
+            # without its warning for every task; simple_evaluate is then given None.
+            if obj.get_config("num_fewshot") != 0:
+                obj.set_config(key="num_fewshot", value=num_fewshot)
+        # Drawn for the requested name: the offline copy and the hub task pick the same documents.
+        leaves.update({name: (obj, t["task"] if name == t["run"] else name) for name, obj in loaded["tasks"].items()})
+    drawn = {}
+    if limit is not None:
+        for name, (obj, drawn_for) in leaves.items():
+            n = len(obj.eval_docs)
+            drawn[name] = {"task": drawn_for, "n_docs": n, "seed": seed,
+                           "doc_ids": draw_docs(seed, drawn_for, n, min(int(limit), n))}
+    notes = {name: sample_note([d]) for name, d in drawn.items()}
+    if drawn:
+        notes.update({name: sample_note([drawn[t.task_name] for t in g.get_all_tasks()]) for name, g in groups.items()})
+    # lm-eval takes either a limit (the first documents) or the indices to evaluate; a task whose
+    # whole split was drawn is left out of `samples` and runs whole.
+    indices = None if limit is None else {
+        name: d["doc_ids"] for name, d in drawn.items() if len(d["doc_ids"]) < d["n_docs"]}
+    return Prepared(manager, built, drawn, notes, indices)
+
+
+@contextlib.contextmanager
+def prepared(key: tuple, build):
+    """The Prepared for key, built by build() on a miss; held (its lock) while the caller evaluates.
+
+    Kept for the last PREPARED_KEEP keys. A sweep's cells are threads of one process: when another
+    is evaluating with the entry, this one builds a private copy rather than wait for it.
+    """
+    with _prepared_lock:
+        entry = _prepared.get(key)
+        if entry is not None:
+            _prepared.move_to_end(key)
+    if entry is not None and entry.lock.acquire(blocking=False):
+        outcome = "reused"
+    else:
+        outcome, entry = "built" if entry is None else "private", build()
+        entry.lock.acquire()
+    with _prepared_lock:
+        prepared_stats[outcome] += 1
+        if outcome == "built":
+            _prepared.setdefault(key, entry)  # another thread's, if it got there first
+            while len(_prepared) > PREPARED_KEEP:
+                _prepared.popitem(last=False)
+    try:
+        yield entry
+    finally:
+        entry.lock.release()
+
+
 def benchmark(model_dir: Path, params: dict, out: Path, checkpoint: Path | None = None) -> list[dict]:
     """Run lm-eval on the model in model_dir; write out/results.json and samples.jsonl; return metric rows.
 
@@ -57,43 +172,22 @@ def benchmark(model_dir: Path, params: dict, out: Path, checkpoint: Path | None 
     # The plan says which lm-eval task runs for each requested name (an offline copy or the
     # official task) and where its data came from; rows carry the requested name and that source.
     plan = params["plan"]
-    tasks, seed, chat = [t["run"] for t in plan], int(params["seed"]), bool(params["chat_template"])
-    manager, limit = task_manager_for(tasks), params["limit"]
-    # Built once and handed to lm-eval built (building maps every document: hellaswag's 10,042).
-    # A group stays a group; with a limit each of its tasks is sampled on its own.
-    built, leaves, groups = [], {}, {}  # leaves: lm-eval task -> (Task, the name its sample is drawn for)
-    for t in plan:
-        loaded = manager.load(t["run"])
-        group = loaded["groups"].get(t["run"])
-        built += [group] if group is not None else list(loaded["tasks"].values())
-        groups.update(loaded["groups"])
-        for obj in loaded["tasks"].values():
-            compat.pin_eval_docs(obj)  # its documents processed once, not on every read
-        # Drawn for the requested name: the offline copy and the hub task pick the same documents.
-        leaves.update({name: (obj, t["task"] if name == t["run"] else name) for name, obj in loaded["tasks"].items()})
-    drawn = {}  # lm-eval task -> its sample, recorded in results.json
-    if limit is not None:
-        for name, (obj, drawn_for) in leaves.items():
-            n = len(obj.eval_docs)
-            drawn[name] = {"task": drawn_for, "n_docs": n, "seed": seed,
-                           "doc_ids": draw_docs(seed, drawn_for, n, min(int(limit), n))}
-    notes = {name: sample_note([d]) for name, d in drawn.items()}
-    if drawn:
-        notes.update({name: sample_note([drawn[t.task_name] for t in g.get_all_tasks()]) for name, g in groups.items()})
-
+    seed, chat, limit, shots = (int(params["seed"]), bool(params["chat_template"]), params["limit"],
+                                int(params["num_fewshot"]))
     lm = MLXLM(Path(model_dir), batch_size=int(params["batch_size"]), backend=params["backend"], checkpoint=checkpoint)
     if chat and not lm.tokenizer.has_chat_template:
         raise ValueError(f"chat_template=True but the tokenizer in {model_dir} has no chat template")
-    # lm-eval takes either a limit (the first documents) or the indices to evaluate; a task whose
-    # whole split was drawn is left out of `samples` and runs whole.
-    indices = None if limit is None else {
-        name: d["doc_ids"] for name, d in drawn.items() if len(d["doc_ids"]) < d["n_docs"]}
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=built, task_manager=manager,
-        samples=indices, num_fewshot=int(params["num_fewshot"]),
-        apply_chat_template=chat, fewshot_as_multiturn=chat,
-        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-        log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS)
+    # Everything the tasks, samples and tokens depend on; the weights are not among them.
+    key = (tokenizer_digest(model_dir), lm.prefix_token_id, json.dumps(plan, sort_keys=True), limit, seed, shots, chat)
+    with prepared(key, lambda: prepare(plan, limit, seed, shots)) as p:
+        lm.encoded = p.encoded
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=p.built, task_manager=p.manager,
+            samples=p.indices, num_fewshot=None,
+            apply_chat_template=chat, fewshot_as_multiturn=chat,
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS)
+    drawn, notes = p.drawn, p.notes
     named = {t["run"]: t for t in plan}
     samples = sample_rows(results.pop("samples", {}), {run: t["task"] for run, t in named.items()})
 
@@ -109,8 +203,8 @@ def benchmark(model_dir: Path, params: dict, out: Path, checkpoint: Path | None 
     })
     for config in results.get("configs", {}).values():
         meta = config.get("metadata") or {}
-        if "config_source" in meta:
-            meta["config_source"] = _portable_path(meta["config_source"])
+        if "config_source" in meta:  # a copy: the dict may be the (reused) task's own
+            config["metadata"] = {**meta, "config_source": _portable_path(meta["config_source"])}
     results = {k: v for k, v in results.items() if k not in VOLATILE_KEYS}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,9 @@ class MLXLM(TemplateLM):
         self.batch_size = batch_size
         self._max_length = max_length or context_length(self.model_dir)
         self.scorer = Scorer(self.model, batch_size, self._max_length, self.prefix_token_id)
+        # (string, add_special_tokens) -> tokens. The benchmark hands in one memo shared by every model
+        # with this tokenizer (tasks/benchmark.py Prepared): a recipe re-encodes nothing another encoded.
+        self.encoded: dict = {}
 
     # ---- tokenisation, as lm-eval's HFLM does it
     @property
@@ -45,11 +48,14 @@ class MLXLM(TemplateLM):
         return self._max_length
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-        # A chat-templated prompt already starts with BOS; do not add a second one.
-        if add_special_tokens is None and string.startswith(self.tokenizer.decode([self.prefix_token_id])):
-            kw["add_special_tokens"] = False
-        return self.tokenizer.encode(string, **kw)
+        tokens = self.encoded.get((string, add_special_tokens))
+        if tokens is None:
+            kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+            # A chat-templated prompt already starts with BOS; do not add a second one.
+            if add_special_tokens is None and string.startswith(self.tokenizer.decode([self.prefix_token_id])):
+                kw["add_special_tokens"] = False
+            tokens = self.encoded[(string, add_special_tokens)] = self.tokenizer.encode(string, **kw)
+        return list(tokens)  # a copy: the memo's lists must not change under it
 
     @property
     def tokenizer_name(self) -> str:

@@ -195,6 +195,7 @@ def test_demo_task_loads_offline_from_any_cwd(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["40", "5"]
+    assert "Custom kwargs" not in proc.stderr and "is defined, but" not in proc.stderr  # nothing about its YAML
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +240,56 @@ def test_a_killed_benchmark_resumes_from_its_checkpoint(tiny_model, tmp_path, mo
     assert calls == [40, 40]  # the first chunk came from the checkpoint
     assert resumed == whole
     assert (tmp_path / "resumed" / "samples.jsonl").read_bytes() == (tmp_path / "whole" / "samples.jsonl").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def q8_model(tiny_model, tmp_path_factory):
+    from tasks.quantize import quantize
+    from tasks.recipes import get_recipe
+
+    out = tmp_path_factory.mktemp("q8")
+    quantize(tiny_model, get_recipe("q8"), out)
+    return out
+
+
+def outputs(rows, out) -> tuple:
+    return rows, (out / "results.json").read_bytes(), (out / "samples.jsonl").read_bytes()
+
+
+def test_recipes_of_one_base_reuse_what_the_first_prepared(tiny_model, quantized_model, q8_model, tmp_path):
+    """Two recipes of one base in one process: the second reuses the tasks, samples and tokens the first
+    built, and writes byte for byte what it writes with nothing reused. Few-shot, so that the reused tasks'
+    few-shot draws are checked too. A model whose tokenizer files differ builds its own."""
+    import tasks.benchmark as b
+
+    p = params(num_fewshot=2)
+    assert b.tokenizer_digest(quantized_model) == b.tokenizer_digest(q8_model) != b.tokenizer_digest(tiny_model)
+    b.clear_prepared()
+    benchmark(quantized_model, p, tmp_path / "q4")
+    reused = outputs(benchmark(q8_model, p, tmp_path / "q8"), tmp_path / "q8")
+    assert b.prepared_stats == {"built": 1, "reused": 1}
+    benchmark(tiny_model, p, tmp_path / "base")
+    assert b.prepared_stats == {"built": 2, "reused": 1}
+
+    b.clear_prepared()
+    fresh = outputs(benchmark(q8_model, p, tmp_path / "fresh"), tmp_path / "fresh")
+    assert b.prepared_stats == {"built": 1}
+    assert reused == fresh
+    assert json.loads((tmp_path / "fresh" / "results.json").read_text())["n-shot"] == {"qsweep_demo_mc": 2}
+
+
+def test_a_busy_entry_is_not_shared_and_the_cache_stays_small(quantized_model, q8_model, tmp_path):
+    """A sweep's cells are threads: while one evaluates with an entry, another builds its own copy
+    (same outputs); and only the last PREPARED_KEEP settings are kept."""
+    import tasks.benchmark as b
+
+    b.clear_prepared()
+    alone = outputs(benchmark(quantized_model, DEMO, tmp_path / "alone"), tmp_path / "alone")
+    (entry,) = b._prepared.values()
+    with entry.lock:  # as if another cell were evaluating with it
+        busy = outputs(benchmark(quantized_model, DEMO, tmp_path / "busy"), tmp_path / "busy")
+    assert b.prepared_stats == {"built": 1, "private": 1}
+    assert busy == alone
+    for seed in (1, 2, 3):
+        benchmark(q8_model, params(seed=seed), tmp_path / f"seed{seed}")
+    assert len(b._prepared) == b.PREPARED_KEEP

