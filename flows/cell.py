@@ -41,30 +41,35 @@ class Ledger:
     def history(self) -> MetricStore:
         return MetricStore(self.store.metrics_db)
 
-    def stage(self, name: str, key: str | None, status: str, cached: bool, seconds: float, error: str | None = None):
-        self.history.record_stage(self.run_id, self.cell.model, self.cell.recipe, name, key, status, cached, seconds, error)
+    def stage(self, name: str, ref: ArtifactRef | None, status: str, cached: bool, seconds: float,
+              error: str | None = None) -> None:
+        """The stage's line in `stages` and its artifact's rows (metrics, plan, gates, samples), in one DuckDB
+        connection (~25 ms each). Rows already recorded for the artifact stay as they are."""
+        self.history.record_stage_outputs(self.run_id, self.cell.model, self.cell.recipe, name, ref and ref.key, status,
+                                          cached, seconds, error, **(self.rows(ref) if ref else {}))
 
-    def outputs(self, ref: ArtifactRef) -> None:
-        """An artifact's rows: its metrics, plan, samples and gates, all kept in the artifact itself.
-        Rows already there stay as they are."""
-        info, (model, recipe), history = self.store.manifest(ref)["info"], (self.cell.model, self.cell.recipe), self.history
-        history.record_metrics(self.run_id, model, recipe, ref.stage, ref.key, info.get("metrics", []))
-        history.record_layers(model, recipe, ref.key, info.get("plan", []))
-        history.record_gates(model, recipe, ref.key, info.get("gates", []))  # a card's quality gates
-        samples = self.store.path(ref) / "samples.jsonl"
-        if samples.exists():
-            history.record_samples(model, recipe, ref.key, [json.loads(line) for line in samples.read_text().splitlines()])
+    def rows(self, ref: ArtifactRef) -> dict:
+        """An artifact's rows, all kept in the artifact itself: its manifest's info and samples.jsonl."""
+        info, samples = self.store.manifest(ref)["info"], self.store.path(ref) / "samples.jsonl"
+        return {"metrics": info.get("metrics", []), "layers": info.get("plan", []), "gates": info.get("gates", []),
+                "samples": [json.loads(line) for line in samples.read_text().splitlines()] if samples.exists() else []}
 
     def found(self, refs: dict) -> None:
         """A cell that ran elsewhere (a worker on another machine, with its own metric history), recorded
         from its artifacts as found (cached) by this run; stages this run already recorded stay."""
-        with self.history.connect() as con:
+        history, (model, recipe) = self.history, (self.cell.model, self.cell.recipe)
+        with history.session(), history.connect() as con:  # one connection for the cell
             seen = {s for (s,) in con.execute("SELECT stage FROM stages WHERE run_id = ? AND model = ? AND recipe = ? "
-                                              "AND status = 'done'", [self.run_id, self.cell.model, self.cell.recipe]).fetchall()}
-        for name, ref in refs.items():
-            if name not in seen:
-                self.stage(name, ref.key, "done", True, 0.0)
-            self.outputs(ref)
+                                              "AND status = 'done'", [self.run_id, model, recipe]).fetchall()}
+            for name, ref in refs.items():
+                if name not in seen:
+                    self.stage(name, ref, "done", True, 0.0)
+                else:
+                    rows = self.rows(ref)
+                    history.record_metrics(self.run_id, model, recipe, ref.stage, ref.key, rows["metrics"])
+                    history.record_layers(model, recipe, ref.key, rows["layers"])
+                    history.record_gates(model, recipe, ref.key, rows["gates"])
+                    history.record_samples(model, recipe, ref.key, rows["samples"])
 
 
 def run_recorded(ledger: Ledger, name: str, inputs: list[ArtifactRef], params: dict, extra: dict | None = None,
@@ -85,17 +90,16 @@ def run_recorded(ledger: Ledger, name: str, inputs: list[ArtifactRef], params: d
         progress.emit("failed", cell.name, name, seconds=time.time() - started, detail=error)
         raise StageFailed(f"{cell.name}: {name} failed: {error}")
     ref = state.result()
-    ledger.outputs(ref)
     try:
         if then is not None:
             then(ref)
     except Exception as e:
         error = redact(f"{type(e).__name__}: {e}")
-        ledger.stage(name, ref.key, "failed", False, round(time.time() - started, 3), error)
+        ledger.stage(name, ref, "failed", False, round(time.time() - started, 3), error)
         progress.emit("failed", cell.name, name, seconds=time.time() - started, detail=error)
         raise StageFailed(f"{cell.name}: {name} failed: {error}") from None
     cached = ref.reused or state.name == "Cached"
-    ledger.stage(name, ref.key, "done", cached, round(time.time() - started, 3))
+    ledger.stage(name, ref, "done", cached, round(time.time() - started, 3))
     progress.emit("finished", cell.name, name, cached=cached, seconds=time.time() - started)
     return ref
 
@@ -125,6 +129,7 @@ def refuse_remote_code(ledger: Ledger, downloaded: ArtifactRef):
         remote_code.check(ledger.cell.model, ledger.store.path(downloaded), ledger.cell.trust_remote_code)
     except remote_code.RemoteCodeRefused as e:
         ledger.stage("quantize", None, "failed", False, 0.0, f"RemoteCodeRefused: {e}")
+        progress.emit("failed", ledger.cell.name, "quantize", detail=f"RemoteCodeRefused: {e}")
         raise StageFailed(f"{ledger.cell.name}: {e}") from None
 
 

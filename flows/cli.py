@@ -205,9 +205,14 @@ def status_table(args):
 
     db = history(args.store)
     try:
-        _, runs = db.query("SELECT run_id, sweep, status, started, finished, cells FROM runs ORDER BY started DESC LIMIT 1")
+        with db.session(read_only=True):  # one connection for its half-dozen queries
+            return _status_table(args, db, STAGES, describe)
     except FileNotFoundError as e:
         return str(e)
+
+
+def _status_table(args, db, STAGES, describe):
+    _, runs = db.query("SELECT run_id, sweep, status, started, finished, cells FROM runs ORDER BY started DESC LIMIT 1")
     if not runs:
         return f"no sweep has run on {args.store} yet"
     run_id, name, status, started, finished, cells = runs[0]

@@ -148,7 +148,6 @@ def run_sweep(sweep_file: Path | str, store: Path | str, verbose: bool = False) 
         ok = _run(sweep_file, store, view, terminal)
     finally:
         stop()
-        _stop_temporary_server()  # now, while its goodbye still goes to the log
         if saved is not None:
             _restore(saved)
     summary(view, store, ok, log_path, terminal)
@@ -219,20 +218,6 @@ def stage_history(store: Path) -> dict[tuple[str, str], float]:
     return {(m, s): float(v) for m, s, v in rows}
 
 
-def _stop_temporary_server() -> None:
-    """Prefect stops the temporary server it started for a run without PREFECT_API_URL at exit, logging
-    a line; stop it here instead. Prefect internal (checked against 3.9.1): SubprocessASGIServer._instances."""
-    if "prefect.server.api.server" not in sys.modules:
-        return
-    from prefect.logging.handlers import APILogHandler
-    from prefect.server.api.server import SubprocessASGIServer
-
-    APILogHandler().flush()  # the run's last log lines reach the server first (else a minute of retries at exit)
-
-    for server in list(getattr(SubprocessASGIServer, "_instances", {}).values()):
-        server.stop()
-
-
 def _to_log(path: Path) -> tuple[int, int]:
     """Point stdout and stderr (the descriptors, so C code and child processes follow) at the log."""
     sys.stdout.flush(), sys.stderr.flush()
@@ -244,10 +229,13 @@ def _to_log(path: Path) -> tuple[int, int]:
 
 
 def _restore(saved: tuple[int, int]) -> None:
-    sys.stdout.flush(), sys.stderr.flush()
-    for fd, old in zip((1, 2), saved):
-        os.dup2(old, fd)
-        os.close(old)
+    """Stdout back to the terminal, for what the command prints next. Stderr stays on the log until the
+    process ends: Prefect stops its temporary server (and flushes its last log lines) at exit, and
+    says so there."""
+    sys.stdout.flush()
+    os.dup2(saved[0], 1)
+    os.close(saved[0])
+    os.close(saved[1])
 
 
 def _short(path: Path) -> str:

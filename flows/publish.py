@@ -55,7 +55,8 @@ def publish_cell(store: str, run_id: str, cell: Cell, refs: dict, force_gated: b
     when asked; a cell that failed a quality gate is held back (card under <store>/gated/) unless allowed
     or forced."""
     artifacts = open_store(store)
-    params, facts = card_params(artifacts, cell.params["publish"], refs)
+    with MetricStore(artifacts.metrics_db).session(read_only=True):  # the card's facts: one connection for its queries
+        params, facts = card_params(artifacts, cell.params["publish"], refs)
     allow = force_gated or cell.allow_gated
     card = run_recorded(Ledger(artifacts, run_id, cell), "publish", card_inputs(refs), params, {"facts": asdict(facts)},
                         then=lambda card: deliver_card(artifacts, card, refs["quantize"], params, cell.export_to, allow))

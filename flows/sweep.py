@@ -25,7 +25,7 @@ from flows.config import load_sweep
 from flows.publish import publish_tagged
 from storage.artifacts import Store
 from storage.keys import tool_versions
-from storage.metrics import MetricStore
+from storage.metrics import MetricStore, cell_summary
 from storage.workspace import open_store
 from tasks.compare import BASE_RECIPE
 from flows.stage import ensure_model_slots
@@ -118,8 +118,9 @@ def sweep(sweep_file: str, store: str = ".qsweep", cell_deployment: str | None =
             events.emit("cell_failed", c.name, detail=str(error))
         finished += 1
         update_progress_artifact(progress, 100 * finished / steps)
-        create_table_artifact(history.cell_summary([(c.model, c.recipe) for c, _ in measured]),
-                              key=slug(config.name, "cells"), description=f"sweep {config.name}: finished cells")
+    # the finished cells as a table in the UI: once, not per cell (a query and an API call, ~1.5 s a cell)
+    create_table_artifact(cell_summary(history, [(c.model, c.recipe) for c, _ in measured]),
+                          key=slug(config.name, "cells"), description=f"sweep {config.name}: finished cells")
     order = {c.name: i for i, c in enumerate(cells)}
     measured.sort(key=lambda m: order[m[0].name])  # cards in the sweep file's order
     if any(c.recipe == BASE_RECIPE for c in cells):

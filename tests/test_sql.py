@@ -112,7 +112,7 @@ def test_a_statement_that_is_not_a_query_is_refused_and_changes_nothing(store, q
     before = snapshot(store)
     status, out, err = sql(store, query.format(**fill))
     assert status == 2 and out == ""
-    assert err.startswith(f"qsweep sql: {says}") and err.count("\n") == 1, err
+    assert err.startswith(f"qsweep: error: {says}") and err.count("\n") == 1, err
     assert "read-only" in err and ALLOWED in err
     assert snapshot(store) == before
     for path in aimed:
@@ -135,7 +135,7 @@ def test_a_query_that_reads_files_is_refused_by_duckdb(store, query, culprit, fi
     before = snapshot(store)
     status, out, err = sql(store, query.format(elsewhere=store.parent / "elsewhere"))
     assert status == 2 and out == "" and "hunter2" not in err
-    assert err.startswith(f"qsweep sql: {culprit} reads files: not allowed, qsweep sql reads only the store's tables")
+    assert err.startswith(f"qsweep: error: {culprit} reads files: not allowed, qsweep sql reads only the store's tables")
     assert "file system operations are disabled by configuration" in err and file in err  # DuckDB's own detail
     assert err.count("\n") == 1
     assert snapshot(store) == before
@@ -143,10 +143,10 @@ def test_a_query_that_reads_files_is_refused_by_duckdb(store, query, culprit, fi
 
 def test_one_statement_per_call(store):
     before = snapshot(store)
-    assert sql(store, "SELECT 1; SELECT 2; SELECT 3") == (2, "", "qsweep sql: one statement per call (got 3)\n")
+    assert sql(store, "SELECT 1; SELECT 2; SELECT 3") == (2, "", "qsweep: error: one statement per call (got 3)\n")
     assert sql(store, "SELECT count(*) FROM metrics; DELETE FROM metrics")[2] == \
-        "qsweep sql: one statement per call (got 2)\n"
-    assert sql(store, " ; ") == (2, "", "qsweep sql: no statement given\n")
+        "qsweep: error: one statement per call (got 2)\n"
+    assert sql(store, " ; ") == (2, "", "qsweep: error: no statement given\n")
     assert snapshot(store) == before
     status, out, _ = sql(store, "SELECT count(*) AS n FROM metrics;")  # a trailing semicolon is one statement
     assert status == 0 and out.split()[-1] == str(len(ROWS))
@@ -167,7 +167,7 @@ def test_the_issue_s_attack_through_the_real_cli(store):
         done = subprocess.run([sys.executable, "-m", "flows.cli", "--store", str(store), "sql", query],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and done.stdout == "", (query, done.stderr)
-        assert done.stderr.startswith(f"qsweep sql: {says}"), done.stderr
+        assert done.stderr.startswith(f"qsweep: error: {says}"), done.stderr
     assert snapshot(store) == before
     assert sorted(p.name for p in elsewhere.iterdir()) == ["secret.csv", "secret.json", "secret.parquet"]
 
@@ -225,7 +225,7 @@ def test_queries_that_read_the_store(store):
 
 def test_a_sql_error_is_duckdb_s_own_message(store):
     status, out, err = sql(store, "SELEC 1")
-    assert status == 2 and out == "" and err.startswith("qsweep sql: Parser Error: syntax error at or near")
+    assert status == 2 and out == "" and err.startswith("qsweep: error: Parser Error: syntax error at or near")
     status, _, err = sql(store, "SELECT * FROM nowhere")
     assert status == 2 and "Table with name nowhere does not exist" in err
 
@@ -251,3 +251,16 @@ def test_a_query_waits_while_another_process_writes(store):
         writer.kill()
         writer.wait()
     assert status == 0 and err == "" and out.split()[-1] == str(len(ROWS) + 1)  # sees what the writer added
+
+
+def test_every_table_and_view_says_what_it_holds(store):
+    """The one-line descriptions `qsweep sql` users read (and its --help / --schema print) are in the store."""
+    status, out, err = sql(store, "SELECT table_name AS name, comment FROM duckdb_tables() UNION ALL "
+                                  "SELECT view_name, comment FROM duckdb_views() WHERE NOT internal ORDER BY name",
+                           "--format", "json")
+    assert status == 0 and err == "", err
+    described = {r["name"]: r["comment"] for r in json.loads(out)}
+    assert {"runs", "stages", "metrics", "samples", "gates", "latest_metrics", "latest_samples", "latest_gates"} \
+        <= set(described)
+    for name, comment in described.items():
+        assert comment and "\n" not in comment, name
