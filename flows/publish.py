@@ -44,16 +44,11 @@ def deliver_card(store: Store, card: ArtifactRef, quantized: ArtifactRef, params
     return receipt
 
 
-def _publish_run_name() -> str:
-    c = flow_run.parameters["cell"]
-    return f"publish:{c.model}/{c.recipe}" if isinstance(c, Cell) else f"publish:{c['model']}/{c['recipe']}"
-
-
-@flow(name="publish", flow_run_name=_publish_run_name)
 def publish_cell(store: str, run_id: str, cell: Cell, refs: dict, force_gated: bool = False) -> dict:
     """The card (an artifact keyed by what it shows), then its delivery: the export folder and the upload
     when asked; a cell that failed a quality gate is held back (card under <store>/gated/) unless allowed
-    or forced."""
+    or forced. Runs inside the sweep's (or `qsweep publish`'s) flow: a subflow per card cost ~1 s each in
+    Prefect alone, as much as a cached cell (bench/RESULTS.md, rerun_overhead)."""
     artifacts = open_store(store)
     with MetricStore(artifacts.metrics_db).session(read_only=True):  # the card's facts: one connection for its queries
         params, facts = card_params(artifacts, cell.params["publish"], refs)
@@ -70,10 +65,13 @@ def publish_cell(store: str, run_id: str, cell: Cell, refs: dict, force_gated: b
 
 
 def publish_tagged(store: Store, run_id: str, cell: Cell, refs: dict, force_gated: bool = False):
-    """publish_cell for one planned cell, tagged with its model and recipe; returns its final state."""
+    """publish_cell for one planned cell, its Prefect runs tagged with its model and recipe:
+    (its outcome, None), or (None, what failed)."""
     with tags(f"model:{cell.model}", f"recipe:{cell.recipe}"):
-        return publish_cell(store=str(store.root), run_id=run_id, cell=cell, refs=refs, force_gated=force_gated,
-                            return_state=True)
+        try:
+            return publish_cell(str(store.root), run_id, cell, refs, force_gated), None
+        except Exception as e:  # a failed card or delivery fails this cell only; the stage recorded why
+            return None, f"{type(e).__name__}: {e}"
 
 
 def _body(card_text: str) -> str:
@@ -101,11 +99,11 @@ def publish_sweep(sweep_file: str, store: str = ".qsweep", force_gated: bool = F
             missing.append(f"{c.name} (not measured: no {lacking} artifact for these settings; "
                            f"run `qsweep run {sweep_file}` first)")
             continue
-        state = publish_tagged(artifacts, run_id, c, refs, force_gated)
-        if state.is_completed():
-            done.append(state.result())
+        outcome, error = publish_tagged(artifacts, run_id, c, refs, force_gated)
+        if outcome is not None:
+            done.append(outcome)
         else:
-            missing.append(f"{c.name} ({state.message})")
+            missing.append(f"{c.name} ({error})")
     history.finish_run(run_id, "failed" if missing else "completed")
     if missing:
         raise SweepFailed(f"{len(missing)} of {len(cells)} cells not published: {'; '.join(missing)}")

@@ -131,13 +131,13 @@ def sweep(sweep_file: str, store: str = ".qsweep", cell_deployment: str | None =
 
     outcomes = []
     for c, refs in measured:  # every card shows its siblings, so cards wait for the last cell
-        state = publish_tagged(artifacts, run_id, c, refs)
-        if state.is_completed():
-            outcomes.append(state.result())  # a cell held back by its gates is not a failure of the sweep
-            events.emit("published", c.name, detail=outcomes[-1]["gated"] or "")
+        outcome, error = publish_tagged(artifacts, run_id, c, refs)
+        if outcome is not None:
+            outcomes.append(outcome)  # a cell held back by its gates is not a failure of the sweep
+            events.emit("published", c.name, detail=outcome["gated"] or "")
         else:
             failed.append(f"{c.name} (publish)")
-            log.error("publishing %s failed: %s", c.name, state.message)
+            log.error("publishing %s failed: %s", c.name, error)
         finished += 1
         update_progress_artifact(progress, 100 * finished / steps)
     update_progress_artifact(progress, 100.0)
