@@ -72,6 +72,9 @@ def measure_cells(cells: list[Cell], store: Store, run_id: str, at_once: int, mo
         Ledger(store, run_id, c).found(refs)
         return refs, None
 
+    from tasks.compat import keep_tqdm_lock
+
+    keep_tqdm_lock()  # libraries' progress bars in several threads at once
     pool = ThreadPoolExecutor(max_workers=at_once)
     try:
         running = {}

@@ -16,7 +16,7 @@ gate/up/down_proj: cpu.fast_swiglu).
 Imports are inside the functions: importing this module costs nothing.
 """
 
-CHECKED = {"mlx": "0.32.4", "mlx-lm": "0.32.2", "lm_eval": "0.4.13"}
+CHECKED = {"mlx": "0.32.4", "mlx-lm": "0.32.2", "lm_eval": "0.4.13", "tqdm": "4.70.1"}
 
 
 # ---- mlx-lm
@@ -92,6 +92,19 @@ def positioned_rope(model) -> bool:
 # mlx's CPU exp (mlx/backend/cpu/simd/math.h, 0.32.4, constants from Cephes): exp(x) = 2**whole * p(frac).
 EXP_POLYNOMIAL = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
                   2.402264791363012e-1, 6.931472028550421e-1, 1.0)
+
+
+# ---- tqdm (under lm-eval, datasets and huggingface_hub)
+
+
+def keep_tqdm_lock() -> None:
+    """Create tqdm's class-wide lock once, before cells run in threads. tqdm.contrib.concurrent.ensure_lock
+    (tqdm 4.70.1; huggingface_hub's thread_map uses it) deletes that lock after use when none existed before,
+    and a bar closing in another thread then fails: AttributeError: type object 'tqdm' has no attribute
+    '_lock' (seen as a failed benchmark with 3 cells at once). With the lock there, it restores it instead."""
+    from tqdm import tqdm
+
+    tqdm.get_lock()
 
 
 # ---- lm-eval
