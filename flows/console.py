@@ -142,8 +142,8 @@ def run_sweep(sweep_file: Path | str, store: Path | str, verbose: bool = False) 
     view = View(terminal, live, stage_history(store))
     stop = progress.listen(view)
     saved = _to_log(log_path) if not verbose else None
-    print(f"qsweep: running {sweep_file}; library output goes to {_short(log_path)}"
-          + (" (-v shows it here)" if not verbose else ""), file=terminal, flush=True)
+    print(f"qsweep: running {sweep_file}; " + ("library output shown as it comes (-v)" if verbose else
+          f"library output goes to {_short(log_path)} (-v shows it here)"), file=terminal, flush=True)
     try:
         ok = _run(sweep_file, store, view, terminal)
     finally:
@@ -198,7 +198,7 @@ def summary(view: View, store: Path, ok: bool, log_path: Path, out) -> None:
     api = os.environ.get("PREFECT_API_URL")
     if api:
         print(f"Prefect UI: {api.removesuffix('/api')}", file=out)
-    if not ok:
+    if not ok and log_path.exists():
         print(f"log: {_short(log_path)}", file=out)
 
 
