@@ -65,11 +65,7 @@ class Ledger:
                 if name not in seen:
                     self.stage(name, ref, "done", True, 0.0)
                 else:
-                    rows = self.rows(ref)
-                    history.record_metrics(self.run_id, model, recipe, ref.stage, ref.key, rows["metrics"])
-                    history.record_layers(model, recipe, ref.key, rows["layers"])
-                    history.record_gates(model, recipe, ref.key, rows["gates"])
-                    history.record_samples(model, recipe, ref.key, rows["samples"])
+                    history.record_outputs(self.run_id, model, recipe, ref.stage, ref.key, **self.rows(ref))
 
 
 def run_recorded(ledger: Ledger, name: str, inputs: list[ArtifactRef], params: dict, extra: dict | None = None,

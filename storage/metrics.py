@@ -252,11 +252,16 @@ class MetricStore:
         call was 3.6 s of a 6-cell cached rerun). Rows already recorded for the artifact stay as they are."""
         with self.session():
             if key is not None:
-                self.record_metrics(run_id, model, recipe, stage, key, list(metrics))
-                self.record_layers(model, recipe, key, list(layers))
-                self.record_gates(model, recipe, key, list(gates))
-                self.record_samples(model, recipe, key, list(samples))
+                self.record_outputs(run_id, model, recipe, stage, key, metrics, layers, gates, samples)
             self.record_stage(run_id, model, recipe, stage, key, status, cached, seconds, error)
+
+    def record_outputs(self, run_id, model, recipe, stage, key, metrics=(), layers=(), gates=(), samples=()):
+        """An artifact's rows (metrics, plan, gates, samples) in one connection; those already recorded stay."""
+        with self.session():
+            self.record_metrics(run_id, model, recipe, stage, key, list(metrics))
+            self.record_layers(model, recipe, key, list(layers))
+            self.record_gates(model, recipe, key, list(gates))
+            self.record_samples(model, recipe, key, list(samples))
 
     def start_run(self, run_id: str, sweep: str, sweep_file: str, sweep_digest: str, host: str, tools: dict, cells: list):
         with self.connect() as con:

@@ -28,6 +28,31 @@ def tiny_model(tmp_path_factory):
     return make_demo_model(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
+@pytest.fixture(scope="session")
+def quantized_model(tiny_model, tmp_path_factory):
+    """The tiny model quantized with q4, in mlx-lm's layout."""
+    from tasks.quantize import quantize
+    from tasks.recipes import get_recipe
+
+    out = tmp_path_factory.mktemp("q4")
+    quantize(tiny_model, get_recipe("q4"), out)
+    return out
+
+
+def naive_tokens(model, ctx, cont):
+    """The continuation's log-likelihood and greedy flag from one plain forward pass of context + continuation:
+    what the packed, batched scorers must agree with."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    seq = ctx + cont
+    logprobs = nn.log_softmax(model(mx.array(seq)[None])[0].astype(mx.float32), axis=-1)
+    scored = logprobs[len(ctx) - 1: len(seq) - 1]
+    target = mx.array(cont)
+    total = mx.take_along_axis(scored, target[:, None], axis=-1).sum().item()
+    return total, bool(mx.all(mx.argmax(scored, axis=-1) == target).item())
+
+
 MEASURED_RECIPES = ("bf16", "q4", "qx86-hi")
 
 

@@ -198,16 +198,6 @@ def test_demo_task_loads_offline_from_any_cwd(tmp_path):
     assert "Custom kwargs" not in proc.stderr and "is defined, but" not in proc.stderr  # nothing about its YAML
 
 
-@pytest.fixture(scope="module")
-def quantized_model(tiny_model, tmp_path_factory):
-    from tasks.quantize import quantize
-    from tasks.recipes import get_recipe
-
-    out = tmp_path_factory.mktemp("q4")
-    quantize(tiny_model, get_recipe("q4"), out)
-    return out
-
-
 class Killed(Exception):
     pass
 

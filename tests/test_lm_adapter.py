@@ -3,11 +3,11 @@
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import pytest
 from lm_eval.api.instance import Instance
 from mlx.utils import tree_flatten
 
+from conftest import naive_tokens
 from tasks.benchmark import LOCAL_TASKS
 from tasks.lm_adapter import MLXLM
 
@@ -28,15 +28,6 @@ def naive_loglikelihood(lm, context, continuation):
     else:
         ctx, cont = [lm.prefix_token_id], tok.encode(continuation, add_special_tokens=False)
     return naive_tokens(lm.model, ctx, cont)
-
-
-def naive_tokens(model, ctx, cont):
-    seq = ctx + cont
-    logprobs = nn.log_softmax(model(mx.array(seq)[None])[0].astype(mx.float32), axis=-1)
-    scored = logprobs[len(ctx) - 1: len(seq) - 1]
-    target = mx.array(cont)
-    total = mx.take_along_axis(scored, target[:, None], axis=-1).sum().item()
-    return total, bool(mx.all(mx.argmax(scored, axis=-1) == target).item())
 
 
 def test_batched_loglikelihood_matches_naive(lm):
@@ -81,16 +72,6 @@ def test_generate_until(lm):
     assert text == reference.split(stop, 1)[0] and text
     [whole] = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": [], "max_gen_toks": 12}), 0)])
     assert whole == reference
-
-
-@pytest.fixture(scope="module")
-def quantized_model(tiny_model, tmp_path_factory):
-    from tasks.quantize import quantize
-    from tasks.recipes import get_recipe
-
-    out = tmp_path_factory.mktemp("q4")
-    quantize(tiny_model, get_recipe("q4"), out)
-    return out
 
 
 def test_fp32_backend_gives_the_native_answers(quantized_model):

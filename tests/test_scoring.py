@@ -1,9 +1,9 @@
 """tasks/scoring.py on its own (no lm-eval): token lists in, every continuation scored as in its own forward pass."""
 
 import mlx.core as mx
-import mlx.nn as nn
 import pytest
 
+from conftest import naive_tokens
 from tasks.loading import load_as
 from tasks.scoring import Scorer
 
@@ -19,16 +19,6 @@ PAIRS = [
     ("Where do fish live?", " in water"),
     ("Where do fish live?", " in trees"),
 ]
-
-
-def naive_tokens(model, ctx, cont):
-    """The continuation's log-likelihood and greedy flag from one plain forward pass of context + continuation."""
-    seq = ctx + cont
-    logprobs = nn.log_softmax(model(mx.array(seq)[None])[0].astype(mx.float32), axis=-1)
-    scored = logprobs[len(ctx) - 1: len(seq) - 1]
-    target = mx.array(cont)
-    total = mx.take_along_axis(scored, target[:, None], axis=-1).sum().item()
-    return total, bool(mx.all(mx.argmax(scored, axis=-1) == target).item())
 
 
 @pytest.fixture(scope="module")
