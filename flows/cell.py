@@ -69,17 +69,19 @@ class Ledger:
 
 
 def run_recorded(ledger: Ledger, name: str, inputs: list[ArtifactRef], params: dict, extra: dict | None = None,
-                 then: Callable[[ArtifactRef], object] | None = None) -> ArtifactRef:
+                 then: Callable[[ArtifactRef], object] | None = None, label: str | None = None) -> ArtifactRef:
     """Run one stage's task and record it: its outcome, metrics, plan and samples. `then(ref)` is what
     the stage does with its artifact beyond the store (publish: deliver the card); the stage fails
-    if it does. Raises StageFailed."""
+    if it does. `label` names the task run after the stage (default: the model of a shared stage,
+    else the recipe). Raises StageFailed."""
     cell, stage = ledger.cell, STAGES[name]
-    # What the Prefect UI lists and filters by: quantize:qx86-hi, download:SmolLM2-135M, tags model:/recipe:
-    tags = {f"model:{cell.model}", f"stage:{name}"} | (set() if stage.shared else {f"recipe:{cell.recipe}"})
     started = time.time()
     progress.emit("started", cell.name, name)
-    state = run_stage(stage, ledger.store, params, inputs, extra, run_name=f"{name}:{cell.model if stage.shared else cell.recipe}",
-                      tags=frozenset(tags))
+    # Named for the UI (quantize:qx86-hi, download:SmolLM2-135M) and tagged model:/recipe: by the cell flow's
+    # context only: Prefect checks a task's tags against its tag concurrency limits, a round trip that costs
+    # ~0.5-2 s for each new set of tags (bench/RESULTS.md, rerun_overhead).
+    label = label or (cell.model if stage.shared else cell.recipe)
+    state = run_stage(stage, ledger.store, params, inputs, extra, run_name=f"{name}:{label}")
     if not state.is_completed():
         error = redact(_error_text(state))
         ledger.stage(name, None, "failed", False, round(time.time() - started, 3), error)

@@ -10,7 +10,7 @@ import socket
 from dataclasses import asdict
 from pathlib import Path
 
-from prefect import flow, get_run_logger, tags
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
@@ -53,8 +53,10 @@ def publish_cell(store: str, run_id: str, cell: Cell, refs: dict, force_gated: b
     with MetricStore(artifacts.metrics_db).session(read_only=True):  # the card's facts: one connection for its queries
         params, facts = card_params(artifacts, cell.params["publish"], refs)
     allow = force_gated or cell.allow_gated
+    # A task of the sweep's flow, untagged (a tag on it costs ~2 s: Prefect checks tag concurrency limits), so
+    # its name says whose card it is.
     card = run_recorded(Ledger(artifacts, run_id, cell), "publish", card_inputs(refs), params, {"facts": asdict(facts)},
-                        then=lambda card: deliver_card(artifacts, card, refs["quantize"], params, cell.export_to, allow))
+                        label=f"{cell.model}/{cell.recipe}", then=lambda card: deliver_card(artifacts, card, refs["quantize"], params, cell.export_to, allow))
     text = (artifacts.path(card) / "README.md").read_text()
     create_markdown_artifact(key=slug("card", cell.model, cell.recipe), markdown=_body(text),
                              description=f"model card of {cell.model} quantized with {cell.recipe}")
@@ -64,14 +66,12 @@ def publish_cell(store: str, run_id: str, cell: Cell, refs: dict, force_gated: b
             "held_at": str(held_at(artifacts, Path(cell.export_to))) if kept_back else None}
 
 
-def publish_tagged(store: Store, run_id: str, cell: Cell, refs: dict, force_gated: bool = False):
-    """publish_cell for one planned cell, its Prefect runs tagged with its model and recipe:
-    (its outcome, None), or (None, what failed)."""
-    with tags(f"model:{cell.model}", f"recipe:{cell.recipe}"):
-        try:
-            return publish_cell(str(store.root), run_id, cell, refs, force_gated), None
-        except Exception as e:  # a failed card or delivery fails this cell only; the stage recorded why
-            return None, f"{type(e).__name__}: {e}"
+def try_publish(store: Store, run_id: str, cell: Cell, refs: dict, force_gated: bool = False):
+    """publish_cell for one planned cell: (its outcome, None), or (None, what failed)."""
+    try:
+        return publish_cell(str(store.root), run_id, cell, refs, force_gated), None
+    except Exception as e:  # a failed card or delivery fails this cell only; the stage recorded why
+        return None, f"{type(e).__name__}: {e}"
 
 
 def _body(card_text: str) -> str:
@@ -99,7 +99,7 @@ def publish_sweep(sweep_file: str, store: str = ".qsweep", force_gated: bool = F
             missing.append(f"{c.name} (not measured: no {lacking} artifact for these settings; "
                            f"run `qsweep run {sweep_file}` first)")
             continue
-        outcome, error = publish_tagged(artifacts, run_id, c, refs, force_gated)
+        outcome, error = try_publish(artifacts, run_id, c, refs, force_gated)
         if outcome is not None:
             done.append(outcome)
         else:

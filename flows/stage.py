@@ -78,13 +78,13 @@ def stage_task(stage: str, store: str, params: dict, inputs: list[ArtifactRef], 
 
 
 def run_stage(stage: Stage, store: Store, params: dict, inputs: list[ArtifactRef], extra: dict | None = None,
-              run_name: str = "", tags: frozenset = frozenset()):
+              run_name: str = ""):
     """Run one stage as a Prefect task; return its final state (Cached when the store holds the artifact).
 
     A stage that will load a model first takes a slot of `model_slots()` (the sweep sets its size),
     so many cells never hold more models at once than the machine has room for; one found in the
     store takes none."""
-    task_fn = stage_task.with_options(name=stage.name, task_run_name=run_name or stage.name, tags=set(tags),
+    task_fn = stage_task.with_options(name=stage.name, task_run_name=run_name or stage.name,
                                       retries=stage.retries, retry_delay_seconds=10, retry_condition_fn=_transient,
                                       cache_policy=ArtifactCache(key_storage=ArtifactView(root=str(store.root))),
                                       result_storage=results_dir(store.root))

@@ -22,7 +22,7 @@ from flows.cell import Ledger, cell
 from flows.cells import Cell, SweepFailed, plan_cells, resolve_models, slug, stored_refs
 from flows.compare import record_comparisons
 from flows.config import load_sweep
-from flows.publish import publish_tagged
+from flows.publish import try_publish
 from storage.artifacts import Store
 from storage.keys import tool_versions
 from storage.metrics import MetricStore, cell_summary
@@ -134,7 +134,7 @@ def sweep(sweep_file: str, store: str = ".qsweep", cell_deployment: str | None =
 
     outcomes = []
     for c, refs in measured:  # every card shows its siblings, so cards wait for the last cell
-        outcome, error = publish_tagged(artifacts, run_id, c, refs)
+        outcome, error = try_publish(artifacts, run_id, c, refs)
         if outcome is not None:
             outcomes.append(outcome)  # a cell held back by its gates is not a failure of the sweep
             events.emit("published", c.name, detail=outcome["gated"] or "")
