@@ -64,7 +64,7 @@ def resolve_models(config: Sweep) -> dict[str, dict]:
 
 def resolve_benchmark(config: Sweep) -> dict:
     """Benchmark parameters with the choices made for this machine: backend, and each task's data source."""
-    from tasks.benchmark import LOCAL_TASKS, task_manager_for
+    from tasks.benchmark import LOCAL_TASKS, local_task_names, task_manager_for
     from tasks.loading import resolve_backend
     from tasks.offline_tasks import plan_tasks
 
@@ -72,9 +72,9 @@ def resolve_benchmark(config: Sweep) -> dict:
         plan = plan_tasks(config.benchmark.tasks, config.benchmark.data)
     except (ValueError, ModuleNotFoundError) as e:
         raise SweepError(f"invalid sweep file:\n  benchmark.tasks: {e}") from None
-    local = task_manager_for([])  # qsweep's own tasks; lm-eval's full index only when a task is not among them
+    local = local_task_names()  # qsweep's own tasks; lm-eval's full index only when a task is not among them
     runs = [t["run"] for t in plan]
-    known = local.all_tasks if all(r in local.all_tasks for r in runs) else task_manager_for(runs).all_tasks
+    known = local if all(r in local for r in runs) else task_manager_for(runs).all_tasks
     unknown = [r for r in runs if r not in known]
     if unknown:
         import difflib
@@ -82,7 +82,7 @@ def resolve_benchmark(config: Sweep) -> dict:
         close = sorted({m for r in unknown for m in difflib.get_close_matches(r, known, n=5, cutoff=0.6)})
         raise SweepError(f"invalid sweep file:\n  benchmark.tasks: unknown task {', '.join(unknown)}"
                          + (f"; did you mean {', '.join(close)}?" if close else "") + "; allowed: "
-                         f"{', '.join(sorted(local.all_tasks))}, or any lm-eval task (`lm-eval ls tasks`)")
+                         f"{', '.join(sorted(local))}, or any lm-eval task (`lm-eval ls tasks`)")
     params = config.benchmark.model_dump(exclude={"data"})
     # The shipped task files are inputs too: an edited prompt or dataset must not reuse old results.
     return {**params, "backend": resolve_backend(config.benchmark.backend), "plan": plan,

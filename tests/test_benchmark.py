@@ -198,6 +198,12 @@ def test_demo_task_loads_offline_from_any_cwd(tmp_path):
     assert "Custom kwargs" not in proc.stderr and "is defined, but" not in proc.stderr  # nothing about its YAML
 
 
+def test_the_sweep_check_knows_the_shipped_tasks_as_lm_eval_does():
+    from tasks.benchmark import local_task_names, task_manager_for
+
+    assert local_task_names() == set(task_manager_for([]).all_tasks)  # read without importing lm-eval
+
+
 class Killed(Exception):
     pass
 
