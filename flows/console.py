@@ -15,6 +15,7 @@ computed for the same model (DuckDB's `stages`), else its mean in this run so fa
 store already holds count as free.
 """
 
+import contextlib
 import os
 import sys
 import threading
@@ -159,11 +160,13 @@ def _run(sweep_file, store: Path, view: View, terminal) -> bool:
     from flows.sweep import sweep
 
     if not view.live:
-        return sweep(sweep_file=str(sweep_file), store=str(store), return_state=True).is_completed()
+        with _without_heartbeats_when_temporary():
+            return sweep(sweep_file=str(sweep_file), store=str(store), return_state=True).is_completed()
     from rich.console import Console
     from rich.live import Live
 
-    with Live(view.table(), console=Console(file=terminal), refresh_per_second=2, transient=True) as shown:
+    with Live(view.table(), console=Console(file=terminal), refresh_per_second=2, transient=True) as shown, \
+            _without_heartbeats_when_temporary():
         done = threading.Event()
 
         def refresh():
@@ -176,6 +179,17 @@ def _run(sweep_file, store: Path, view: View, terminal) -> bool:
         finally:
             done.set()
             shown.update(view.table())
+
+
+def _without_heartbeats_when_temporary():
+    """Flow-run heartbeats off when the sweep runs on Prefect's temporary server: they let a server notice a
+    crashed run, and that server ends with this process. Each flow run's end waits up to 1 s for its heartbeat
+    thread to wake (prefect/flow_engine.py `_send_heartbeats`): ~0.5 s per cached cell."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+
+    if get_current_settings().api.url is not None:
+        return contextlib.nullcontext()
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
 def summary(view: View, store: Path, ok: bool, log_path: Path, out) -> None:
