@@ -57,7 +57,7 @@ def emit(columns: list[str], rows: list, fmt: str, json_columns: set[int] = froz
 
 def load_or_refuse(args) -> int | None:
     """The sweep file, validated into args.sweep; or 2 after saying what is wrong with it. It runs before
-    anything that runs the sweep is imported (lm-eval, Prefect)."""
+    anything that runs the sweep is imported (mlx, lm-eval, Prefect) or re-executed (flows/blas.py)."""
     from flows.config import SweepError, load_sweep
 
     try:
@@ -663,12 +663,12 @@ def build_parser() -> Parser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if (prepare := getattr(args, "prepare", None)) and (refused := prepare(args)):
+        return refused
     if argv is None and getattr(args, "blas", False):  # a real command line that runs models: a real BLAS first
         from flows.blas import reexec_with_blas  # (flows/blas.py); it asks mlx whether a GPU does the matmuls
 
-        reexec_with_blas("-m", "flows.cli")  # before the sweep file is read, so that it is read once
-    if (prepare := getattr(args, "prepare", None)) and (refused := prepare(args)):
-        return refused
+        reexec_with_blas("-m", "flows.cli")
     return args.fn(args)
 
 
