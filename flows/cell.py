@@ -52,7 +52,8 @@ class Ledger:
         """An artifact's rows, all kept in the artifact itself: its manifest's info and samples.jsonl."""
         info, samples = self.store.manifest(ref)["info"], self.store.path(ref) / "samples.jsonl"
         return {"metrics": info.get("metrics", []), "layers": info.get("plan", []), "gates": info.get("gates", []),
-                "samples": [json.loads(line) for line in samples.read_text().splitlines()] if samples.exists() else []}
+                "samples": [json.loads(line) for line in samples.read_text().splitlines()] if samples.exists() else [],
+                "sensitivity": info.get("sensitivity", [])}
 
     def found(self, refs: dict) -> None:
         """A cell that ran elsewhere (a worker on another machine, with its own metric history), recorded

@@ -101,9 +101,24 @@ def resolve_fidelity(config: Sweep) -> dict | None:
     return {**f.model_dump(exclude={"enabled"}), "corpus_sha256": digest, "backend": resolve_backend(f.backend)}
 
 
+def resolve_search(config: Sweep) -> dict | None:
+    """The sensitivity stage's parameters (one artifact per model, shared by its budgets): the calibration text
+    by reference and by content, the formats, the backend resolved."""
+    from tasks.loading import resolve_backend
+    from tasks.specs import format_names, parse_format, shipped_path
+
+    s = config.search
+    if not s.names():
+        return None
+    digest = hashlib.sha256(shipped_path(s.calibration).read_bytes()).hexdigest()
+    return {"calibration": s.calibration, "calibration_sha256": digest, "window": s.window, "windows": s.windows,
+            "check_every": s.check_every, "formats": [parse_format(f) for f in (s.formats or format_names())],
+            "backend": resolve_backend(s.backend)}
+
+
 def check_card(config: Sweep, store: Store) -> None:
     """card.compare_with names cells this sweep measures or the store holds; anything else is a typo."""
-    mine = {(m.name, r.name) for m in config.models for r in config.recipe_objects()}
+    mine = {(m.name, r) for m in config.models for r in config.recipe_names()}
     wanted = [(i, c) for i, c in enumerate(config.card.compare_with) if (c.model, c.recipe) not in mine]
     if not wanted:
         return
@@ -128,22 +143,29 @@ def plan_cells(config: Sweep, resolved: dict, store: Store) -> list[Cell]:
     fidelity = resolve_fidelity(config)
     smoke = {**config.smoke.model_dump(), "backend": resolve_backend(config.smoke.backend)}
     export_dir = Path(config.publish.export_dir or store.root / "published")
+    sensitivity = resolve_search(config)
+    recipes = [(r.name, r.params(), r.description, None) for r in config.recipe_objects()]
+    for name, budget in zip(config.search.names(), [{"budget_bpw": b} for b in config.search.budgets_bpw]
+                            + [{"budget_bytes": b} for b in config.search.budgets_bytes]):
+        searched = {"name": name, "search": {**budget, "formats": sensitivity["formats"]}}
+        recipes.append((name, searched, f"found for {name.removeprefix('auto-')} by qsweep search", sensitivity))
     cells = []
     for m in config.models:
-        for recipe in config.recipe_objects():
-            repo = config.publish.repo.format(model=m.name, recipe=recipe.name) if config.publish.repo else None
+        for recipe_name, recipe, description, measured_on in recipes:
+            repo = config.publish.repo.format(model=m.name, recipe=recipe_name) if config.publish.repo else None
             publish = {
-                "model": m.name, "recipe": recipe.params(), "recipe_description": recipe.description,
+                "model": m.name, "recipe": recipe, "recipe_description": description,
                 "source": key_params(resolved[m.name]), "repo_id": repo,
                 "private": config.publish.private, "license": config.publish.license,
-                "gates": config.gates.limits(), "notes": config.notes_for(m.name, recipe.name),
+                "gates": config.gates.limits(), "notes": config.notes_for(m.name, recipe_name),
                 "compare_with": [c.model_dump() for c in config.card.compare_with if c.model != m.name],
             }
-            params = {"download": key_params(resolved[m.name]), "quantize": recipe.params(), "smoke": smoke,
-                      "benchmark": benchmark, "reference": fidelity, "fidelity": fidelity, "publish": publish}
-            cells.append(Cell(m.name, recipe.name, resolved[m.name], params,
-                              export_to=str(export_dir / f"{m.name}-{recipe.name}-mlx"),
-                              allow_gated=config.allowed_gated(m.name, recipe.name),
+            params = {"download": key_params(resolved[m.name]), "sensitivity": measured_on, "quantize": recipe,
+                      "smoke": smoke, "benchmark": benchmark, "reference": fidelity, "fidelity": fidelity,
+                      "publish": publish}
+            cells.append(Cell(m.name, recipe_name, resolved[m.name], params,
+                              export_to=str(export_dir / f"{m.name}-{recipe_name}-mlx"),
+                              allow_gated=config.allowed_gated(m.name, recipe_name),
                               trust_remote_code=m.trust_remote_code))
     return cells
 

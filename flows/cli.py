@@ -174,8 +174,8 @@ def print_cards(config, store: Path) -> int:
     export_dir = Path(config.publish.export_dir or store / "published")
     code = 0
     for m in config.models:
-        for recipe in config.recipe_objects():
-            cell, name = (m.name, recipe.name), published_name(m.name, recipe.name)
+        for recipe in config.recipe_names():
+            cell, name = (m.name, recipe), published_name(m.name, recipe)
             exported, held = export_dir / name, store / "gated" / name
             receipt = {}
             for folder in (exported, held):
@@ -184,13 +184,13 @@ def print_cards(config, store: Path) -> int:
                     break
             if cell not in published or not receipt:
                 code = 1
-                print(f"{m.name}/{recipe.name}: no card: {failed.get(cell, 'not published in the latest run')}")
+                print(f"{m.name}/{recipe}: no card: {failed.get(cell, 'not published in the latest run')}")
             elif receipt.get("held_at"):
-                print(f"{m.name}/{recipe.name}: held back by its quality gates ({receipt.get('gated')}); "
+                print(f"{m.name}/{recipe}: held back by its quality gates ({receipt.get('gated')}); "
                       f"card: {held / 'README.md'}")
             else:
                 uploaded = (receipt.get("uploaded") or {}).get("repo")
-                print(f"{m.name}/{recipe.name}: card: {exported / 'README.md'} (the model beside it)"
+                print(f"{m.name}/{recipe}: card: {exported / 'README.md'} (the model beside it)"
                       + (f"; uploaded to https://huggingface.co/{uploaded}" if uploaded else "")
                       + (f"; {receipt['note']}" if receipt.get("note") else ""))
     return code
@@ -226,12 +226,12 @@ def _status_table(args, db, STAGES, describe):
             done[m, r, "publish"] = ("gated", *done[m, r, "publish"][1:])
     header = (f"sweep {name}  run {run_id}  {status}  started {started:%Y-%m-%d %H:%M:%S}"
               + (f"  took {(finished - started).total_seconds():.1f}s" if finished else ""))
-    if all("stages" in c for c in cells):  # a run of some stages only, e.g. `qsweep publish`
+    if all("stages" in c for c in cells):  # the stages each cell has (`qsweep publish`: publish only)
         shown = [s for s in STAGES if any(s in c["stages"] for c in cells)]
-    else:
-        shown = [s for s in STAGES if s not in ("reference", "fidelity") or any(k[2] == s for k in done)]
-    rows = [[c["model"], c["recipe"]] + [done.get((c["model"], c["recipe"], s), ("pending",))[0] for s in shown]
-            for c in cells]
+    else:  # a run recorded before runs listed them
+        shown = [s for s in STAGES if s not in ("sensitivity", "reference", "fidelity") or any(k[2] == s for k in done)]
+    rows = [[c["model"], c["recipe"]] + [done.get((c["model"], c["recipe"], s), ("pending",))[0]
+                                         if s in c.get("stages", shown) else "-" for s in shown] for c in cells]
     errors = [(m, r, s, e) for (m, r, s), (st, _, e) in done.items() if st == "failed"]
     try:
         _, events = db.query("SELECT kind, stage, detail FROM events WHERE happened >= ? ORDER BY happened", [started])

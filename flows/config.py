@@ -13,7 +13,8 @@ import yaml
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from tasks.recipes import Recipe, RecipeSpec, get_recipe, recipe_from_spec, with_calibration_digest
-from tasks.specs import SAFE_NAME, BenchmarkSpec, FidelitySpec, GatesSpec, SmokeSpec, Strict, spec_errors
+from tasks.specs import (SAFE_NAME, BenchmarkSpec, FidelitySpec, GatesSpec, SearchSpec, SmokeSpec, Strict,
+                         spec_errors)
 
 
 class SweepError(ValueError):
@@ -73,10 +74,11 @@ class ConcurrencySpec(Strict):
 class Sweep(Strict):
     name: str = Field(pattern=f"^{SAFE_NAME}$")
     models: list[ModelSpec] = Field(min_length=1)
-    recipes: list[Annotated[Union[str, RecipeSpec], AfterValidator(lambda r: _check_recipe(r))]] = Field(min_length=1)
+    recipes: list[Annotated[Union[str, RecipeSpec], AfterValidator(lambda r: _check_recipe(r))]] = []
     smoke: SmokeSpec = SmokeSpec()
     benchmark: BenchmarkSpec = BenchmarkSpec()
     fidelity: FidelitySpec = FidelitySpec()
+    search: SearchSpec = SearchSpec()  # recipes found for size budgets: cells auto-<budget>
     publish: PublishSpec = PublishSpec()
     gates: GatesSpec = GatesSpec()
     card: CardSpec = CardSpec()
@@ -84,7 +86,13 @@ class Sweep(Strict):
 
     @model_validator(mode="after")
     def _unique(self):
-        for what, names in (("models", [m.name for m in self.models]), ("recipes", [recipe_name(r) for r in self.recipes])):
+        if not self.recipes and not self.search.names():
+            raise ValueError("recipes: none given; name at least one recipe, or a budget under search "
+                             "(search.budgets_bpw or search.budgets_bytes)")
+        if self.search.names() and self.fidelity.enabled and _same_text(self.search.calibration, self.fidelity.corpus):
+            raise ValueError(f"search.calibration: {self.search.calibration} is the fidelity corpus's text: a recipe "
+                             "would be judged on the text it was chosen on; allowed: any other text file")
+        for what, names in (("models", [m.name for m in self.models]), ("recipes", self.recipe_names())):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"{what}: duplicate names {', '.join(dupes)}; each must be unique")
@@ -92,7 +100,7 @@ class Sweep(Strict):
         for what, placeholder in (("models", "{model}"), ("recipes", "{recipe}")):
             if repo and len(getattr(self, what)) > 1 and placeholder not in repo:
                 raise ValueError(f"publish.repo: {repo!r} lacks {placeholder}: every cell would upload to one repo")
-        models, recipes = [m.name for m in self.models], [recipe_name(r) for r in self.recipes]
+        models, recipes = [m.name for m in self.models], self.recipe_names()
         cells = [f"{m}/{r}" for m in models for r in recipes]
         for i, name in enumerate(self.gates.allow):
             if name not in recipes + cells:
@@ -113,6 +121,10 @@ class Sweep(Strict):
         return [Path(self.card.notes[k]).read_text(encoding="utf-8")
                 for k in (model, recipe, f"{model}/{recipe}") if k in self.card.notes]
 
+    def recipe_names(self) -> list[str]:
+        """Every recipe of a cell: those listed, then the searched ones (auto-<budget>)."""
+        return [recipe_name(r) for r in self.recipes] + self.search.names()
+
     def recipe_objects(self) -> list[Recipe]:
         return [get_recipe(r) if isinstance(r, str) else to_recipe(r) for r in self.recipes]
 
@@ -120,6 +132,12 @@ class Sweep(Strict):
 def _check_recipe(r):
     get_recipe(r) if isinstance(r, str) else to_recipe(r).check()
     return r
+
+
+def _same_text(a: str, b: str) -> bool:
+    from tasks.specs import shipped_path
+
+    return hashlib.sha256(shipped_path(a).read_bytes()).digest() == hashlib.sha256(shipped_path(b).read_bytes()).digest()
 
 
 def recipe_name(r) -> str:

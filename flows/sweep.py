@@ -100,7 +100,7 @@ def sweep(sweep_file: str, store: str = ".qsweep", cell_deployment: str | None =
     run_id = flow_run.get_id() or "local"
     ensure_model_slots(config.concurrency.model_slots, reclaim=get_current_settings().api.url is None)
     history.start_run(run_id, config.name, str(sweep_file), digest, socket.gethostname(), tool_versions(),
-                      [{"model": c.model, "recipe": c.recipe} for c in cells])
+                      [{"model": c.model, "recipe": c.recipe, "stages": c.stages() + ["publish"]} for c in cells])
     for c in cells:  # what the console shows, and which stages the store already holds (they cost ~nothing)
         events.emit("planned", c.name, detail=",".join(c.stages() + ["publish"]),
                     stored=tuple(stored_refs(artifacts, c)[0]))

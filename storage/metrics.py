@@ -78,6 +78,24 @@ CREATE TABLE IF NOT EXISTS recipe_layers (
     note VARCHAR,
     PRIMARY KEY (artifact_key, path)
 );
+-- What each module's quantization costs, per sensitivity artifact (tasks/sensitivity.py): one row per format.
+CREATE TABLE IF NOT EXISTS sensitivity (
+    model VARCHAR,
+    recipe VARCHAR,          -- the searched cell that measured it (the artifact is shared by the model's budgets)
+    artifact_key VARCHAR,
+    path VARCHAR,
+    layer INTEGER,
+    out_features BIGINT,
+    in_features BIGINT,
+    format VARCHAR,          -- q4g64, mxfp4, ...
+    bits INTEGER,
+    group_size INTEGER,
+    mode VARCHAR,
+    proxy_error DOUBLE,      -- the module's output error on the calibration activations
+    predicted_kl DOUBLE,     -- KL gained with this module alone in this format (what the search minimises)
+    measured_kl DOUBLE,      -- the same, measured by a forward pass (the probe format, and the checked ones)
+    PRIMARY KEY (artifact_key, path, format)
+);
 -- Every benchmark question's outcome, per benchmark artifact (lm-eval's logged samples).
 CREATE TABLE IF NOT EXISTS samples (
     model VARCHAR,
@@ -150,6 +168,8 @@ DESCRIPTIONS = {
                "stay: latest_metrics has the current ones",
     "recipe_layers": "each quantized artifact's per-module plan: module path, layer, shape, bits, group size, mode, "
                      "and the rule that chose it",
+    "sensitivity": "what each module's quantization costs a base model, per format: KL from the base with that "
+                   "module alone quantized, predicted and (for probed formats) measured; what `qsweep search` solves on",
     "samples": "each benchmark question's outcome per benchmark artifact: task, doc_id, target, chosen, correct, "
                "correct_norm, each choice's log-likelihood",
     "comparisons": "each recipe against the base recipe of the same model, per task: paired accuracy difference, "
@@ -247,21 +267,26 @@ class MetricStore:
                 del cons[at]
 
     def record_stage_outputs(self, run_id, model, recipe, stage, key, status, cached, seconds, error=None,
-                             metrics=(), layers=(), gates=(), samples=()):
+                             metrics=(), layers=(), gates=(), samples=(), sensitivity=()):
         """A stage's line in `stages` and its artifact's rows, in one connection (each costs ~25 ms; one per
         call was 3.6 s of a 6-cell cached rerun). Rows already recorded for the artifact stay as they are."""
         with self.session():
             if key is not None:
-                self.record_outputs(run_id, model, recipe, stage, key, metrics, layers, gates, samples)
+                self.record_outputs(run_id, model, recipe, stage, key, metrics, layers, gates, samples, sensitivity)
             self.record_stage(run_id, model, recipe, stage, key, status, cached, seconds, error)
 
-    def record_outputs(self, run_id, model, recipe, stage, key, metrics=(), layers=(), gates=(), samples=()):
-        """An artifact's rows (metrics, plan, gates, samples) in one connection; those already recorded stay."""
+    def record_outputs(self, run_id, model, recipe, stage, key, metrics=(), layers=(), gates=(), samples=(),
+                       sensitivity=()):
+        """An artifact's rows (metrics, plan, gates, samples, sensitivity) in one connection; those already
+        recorded stay."""
         with self.session():
             self.record_metrics(run_id, model, recipe, stage, key, list(metrics))
             self.record_layers(model, recipe, key, list(layers))
             self.record_gates(model, recipe, key, list(gates))
             self.record_samples(model, recipe, key, list(samples))
+            self._record_once("sensitivity", ("path", "layer", "out_features", "in_features", "format", "bits",
+                                              "group_size", "mode", "proxy_error", "predicted_kl", "measured_kl"),
+                              model, recipe, key, list(sensitivity))
 
     def start_run(self, run_id: str, sweep: str, sweep_file: str, sweep_digest: str, host: str, tools: dict, cells: list):
         with self.connect() as con:

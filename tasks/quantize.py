@@ -142,5 +142,13 @@ def float_dtype(stored: dict) -> str | None:
 
 
 def build(job) -> dict:
-    """The quantize stage (tasks/registry.py): the base as downloaded, through the recipe in job.params."""
-    return quantize(job.inputs[0], Recipe.from_params(job.params), job.out)
+    """The quantize stage (tasks/registry.py): the base as downloaded, through the recipe in job.params;
+    or, for a searched recipe ({"name", "search"}), through the recipe found from the sensitivity artifact."""
+    if "search" not in job.params:
+        return quantize(job.inputs[0], Recipe.from_params(job.params), job.out)
+    from tasks.search import find_recipe, recipe_yaml
+    from tasks.sensitivity import load_table
+
+    recipe, header, found = find_recipe(load_table(job.inputs[1]), job.inputs[0], job.params["name"], job.params["search"])
+    (job.out / "recipe.yaml").write_text(recipe_yaml(recipe, header))
+    return {**quantize(job.inputs[0], recipe, job.out), "search": found}

@@ -29,15 +29,8 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError
 
-from tasks.specs import SAFE_NAME, Strict, shipped_path, shipped_ref, spec_errors
+from tasks.specs import MODES, SAFE_NAME, Strict, shipped_path, shipped_ref, spec_errors
 
-# What mlx's quantize accepts, per mode (mlx.core.quantize docs; checked on the CPU build).
-MODES = {
-    "affine": {"bits": (2, 3, 4, 5, 6, 8), "group_size": (32, 64, 128)},
-    "mxfp4": {"bits": (4,), "group_size": (32,)},
-    "nvfp4": {"bits": (4,), "group_size": (16,)},
-    "mxfp8": {"bits": (8,), "group_size": (32,)},
-}
 DTYPES = ("bfloat16", "float16", "float32")
 # Learned methods run mlx-lm's own implementations (tasks/learned.py), with the bits they support.
 METHODS = {"gptq": (2, 4, 8), "awq": (2, 3, 4, 5, 6, 8)}

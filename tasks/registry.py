@@ -60,11 +60,12 @@ class Stage:
 
 STAGES = {s.name: s for s in (
     Stage("download", "tasks.download", retries=2, shared=True),
-    Stage("quantize", "tasks.quantize", ("download",), loads_model=True),
+    Stage("sensitivity", "tasks.sensitivity", ("download",), loads_model=True, shared=True),  # searched recipes only
+    Stage("quantize", "tasks.quantize", ("download", "sensitivity"), loads_model=True),
     Stage("smoke", "tasks.smoke", ("quantize", "download"), loads_model=True),  # the base judges the answer
     Stage("benchmark", "tasks.benchmark", ("quantize",), loads_model=True),
     Stage("reference", "tasks.fidelity", ("download",), loads_model=True, shared=True, builder="build_reference"),
     Stage("fidelity", "tasks.fidelity", ("quantize", "reference"), loads_model=True),
     Stage("publish", "tasks.publish", ("quantize", "smoke", "benchmark", "fidelity")),  # the card
 )}
-MEASURING = ("download", "quantize", "smoke", "benchmark", "reference", "fidelity")
+MEASURING = ("download", "sensitivity", "quantize", "smoke", "benchmark", "reference", "fidelity")

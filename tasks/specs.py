@@ -11,6 +11,13 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a sweep's, model's or recipe's name: it names folders and repos
+# What mlx's quantize accepts, per mode (mlx.core.quantize docs; checked on the CPU build).
+MODES = {
+    "affine": {"bits": (2, 3, 4, 5, 6, 8), "group_size": (32, 64, 128)},
+    "mxfp4": {"bits": (4,), "group_size": (32,)},
+    "nvfp4": {"bits": (4,), "group_size": (16,)},
+    "mxfp8": {"bits": (8,), "group_size": (32,)},
+}
 Backend = Literal["auto", "native", "fp32"]  # how a stage runs the weights (SmokeSpec.backend says what each means)
 BACKENDS = get_args(Backend)
 
@@ -131,6 +138,77 @@ class FidelitySpec(Strict):
             raise ValueError(f"{corpus!r}: no such file (a text file, or qsweep:data/hamlet.txt)")
         return corpus
 
+
+
+class SearchSpec(Strict):
+    """Recipes found for size budgets from measured sensitivity (tasks/sensitivity.py, tasks/search.py): each
+    budget becomes a cell named auto-<bpw> (or auto-<bytes>B), measured like any recipe."""
+    budgets_bpw: list[float] = []  # bits per weight over the quantizable modules, scales included (as `recipes show`)
+    budgets_bytes: list[int] = []  # bytes of the quantizable modules
+    formats: list[str] = []  # what a module may take, e.g. affine4g64, mxfp4g32, float; empty: every format
+    calibration: str = "qsweep:data/calibration.txt"  # the text sensitivity is measured on; never the fidelity corpus
+    window: int = Field(128, ge=16)  # tokens per calibration window (its second half is scored)
+    windows: int = Field(6, ge=1)
+    check_every: int = Field(4, ge=0)  # every n-th module is also measured in a second format (0: none)
+    backend: Backend = "auto"
+
+    @field_validator("budgets_bpw")
+    @classmethod
+    def _bpw(cls, budgets: list[float]) -> list[float]:
+        for b in budgets:
+            if not 1 < b <= 32:
+                raise ValueError(f"{b}: a budget in bits per weight, more than 1 and at most 32")
+        return budgets
+
+    @field_validator("budgets_bytes")
+    @classmethod
+    def _bytes(cls, budgets: list[int]) -> list[int]:
+        if any(b <= 0 for b in budgets):
+            raise ValueError(f"{budgets}: budgets in bytes are positive")
+        return budgets
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, formats: list[str]) -> list[str]:
+        allowed = format_names()
+        for f in formats:
+            if f not in allowed:
+                raise ValueError(f"{f!r} is not a format; allowed: {', '.join(allowed)}")
+        return formats
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibration_exists(cls, text: str) -> str:
+        if not shipped_path(text).is_file():
+            raise ValueError(f"{text!r}: no such file (a text file, or qsweep:data/calibration.txt)")
+        return text
+
+    def names(self) -> list[str]:
+        return [f"auto-{b:g}" for b in self.budgets_bpw] + [f"auto-{b}B" for b in self.budgets_bytes]
+
+
+def format_names() -> list[str]:
+    """Every format a searched module may take (MODES), named as format_name names them; float last."""
+    return [format_name({"bits": b, "group_size": g, "mode": mode}) for mode, allowed in MODES.items()
+            for b in allowed["bits"] for g in allowed["group_size"]] + ["float"]
+
+
+def format_name(fmt: dict | None) -> str:
+    """A format's short name: affine 4-bit group 64 -> q4g64; the MX formats by their mode (mxfp4, nvfp4,
+    mxfp8: one bits and group size each); None (stays in float) -> float."""
+    if fmt is None:
+        return "float"
+    return f"q{fmt['bits']}g{fmt['group_size']}" if fmt["mode"] == "affine" else fmt["mode"]
+
+
+def parse_format(name: str) -> dict | None:
+    """format_name the other way round."""
+    if name == "float":
+        return None
+    if name in MODES:
+        return {"bits": MODES[name]["bits"][0], "group_size": MODES[name]["group_size"][0], "mode": name}
+    bits, group = name[1:].split("g")
+    return {"bits": int(bits), "group_size": int(group), "mode": "affine"}
 
 
 class GatesSpec(Strict):

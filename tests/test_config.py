@@ -29,7 +29,7 @@ def test_good_sweep_parses():
 
 
 @pytest.mark.parametrize("data, where, allowed", [
-    ({**GOOD, "extra": 1}, "extra", "name, models, recipes, smoke, benchmark, fidelity, publish"),
+    ({**GOOD, "extra": 1}, "extra", "name, models, recipes, smoke, benchmark, fidelity, search, publish"),
     ({**GOOD, "models": [{"name": "tiny", "source": "demo://tiny-llama", "revision": "main"}]},
      "models[0].revision", "name, source"),
     ({**GOOD, "benchmark": {"limt": 5}}, "benchmark.limt", "tasks, limit, num_fewshot"),
@@ -62,10 +62,28 @@ def test_impossible_inline_recipe(recipe, field, allowed):
     assert f"allowed: {allowed}" in message, message
 
 
-@pytest.mark.parametrize("field", ["models", "recipes"])
-def test_empty_lists(field):
-    message = error({**GOOD, field: []})
-    assert f"{field}: " in message and "at least 1" in message, message
+def test_empty_lists():
+    message = error({**GOOD, "models": []})
+    assert "models: " in message and "at least 1" in message, message
+    message = error({**GOOD, "recipes": []})
+    assert "recipes: none given" in message and "search.budgets_bpw" in message, message
+
+
+def test_a_search_needs_no_recipe_list_and_names_its_cells():
+    from flows.config import parse_sweep
+
+    sweep = parse_sweep({**GOOD, "recipes": [], "search": {"budgets_bpw": [4.5, 6], "budgets_bytes": [1000]}})
+    assert sweep.recipe_names() == ["auto-4.5", "auto-6", "auto-1000B"]
+
+
+@pytest.mark.parametrize("search, where, allowed", [
+    ({"budgets_bpw": [4.5], "formats": ["q4g64", "q7g64"]}, "search.formats", "q2g32"),
+    ({"budgets_bpw": [0.5]}, "search.budgets_bpw", "more than 1"),
+    ({"budgets_bpw": [4.5], "calibration": "qsweep:data/hamlet.txt"}, "search.calibration", "any other text"),
+])
+def test_bad_search(search, where, allowed):
+    message = error({**GOOD, "search": search})
+    assert where in message and allowed in message, message
 
 
 @pytest.mark.parametrize("recipes", [["q4", "q4"], ["q4", {"name": "q4", "bits": 8}]])
