@@ -111,8 +111,16 @@ def implicit_sweep(args) -> dict:
     model = {"name": name, "source": source}
     if args.trust_remote_code:
         model["trust_remote_code"] = True
-    recipes = [local(r) if r.endswith((".yaml", ".yml", ".toml")) else r for r in args.recipe]
+    recipes = [local(r) if r.endswith((".yaml", ".yml", ".toml")) else r for r in getattr(args, "recipe", None) or []]
     sweep = {"name": name, "models": [model], "recipes": recipes}
+    if getattr(args, "bpw", None) or getattr(args, "bytes", None):  # qsweep search
+        sweep["name"] = f"{name}-search"  # its own sweep file beside `qsweep quantize`'s
+        search = {"budgets_bpw": args.bpw or [], "budgets_bytes": args.bytes or []}
+        if args.formats:
+            search["formats"] = [f for given in args.formats for f in given.split(",") if f]
+        if args.calibration:
+            search["calibration"] = args.calibration if args.calibration.startswith("qsweep:") else local(args.calibration)
+        sweep["search"] = search
     benchmark = {}
     if args.tasks:
         benchmark["tasks"] = [t for given in args.tasks for t in given.split(",") if t]
@@ -155,6 +163,36 @@ def cmd_quantize(args) -> int:
     code = run_sweep(path, args.store, verbose=args.verbose)
     print(f"\nsweep file: {path}")
     return max(code, print_cards(args.sweep, Path(args.store).resolve()))
+
+
+def prepare_search(args) -> int | None:
+    if not (args.bpw or args.bytes):
+        return fail("qsweep search: no budget; give --bpw B (bits per weight) or --bytes N, repeatable")
+    return prepare_quantize(args)
+
+
+def cmd_search(args) -> int:
+    """The implicit sweep of the searched recipes, run and measured; then each found recipe file where asked."""
+    import shutil
+
+    code = cmd_quantize(args)
+    store = Path(args.store).resolve()
+    found = []
+    for recipe in args.sweep.search.names():
+        published = [store / d / f"{args.sweep.models[0].name}-{recipe}-mlx" / "recipe.yaml" for d in ("published", "gated")]
+        path = next((p for p in published if p.is_file()), None)
+        if path is None:
+            code = 1
+            continue
+        if args.out:
+            out = Path(args.out)
+            target = out if out.suffix in (".yaml", ".yml") and len(args.sweep.search.names()) == 1 else out / f"{recipe}.yaml"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            path = target
+        found.append(f"{recipe}: recipe file {path}")
+    print("\n".join(found))
+    return code
 
 
 def print_cards(config, store: Path) -> int:
@@ -599,6 +637,30 @@ def build_parser() -> Parser:
     p.add_argument("--trust-remote-code", action="store_true", help="let the model's own code (auto_map, *.py) run on loading")
     p.add_argument("-v", "--verbose", action="store_true", help="show the libraries' output live (else: the run's log file)")
     p.set_defaults(fn=cmd_quantize, prepare=prepare_quantize, blas=True)
+
+    p = command(sub, "search", "find the recipe for a size budget: measured sensitivity, an exact solve, then measured",
+                "  qsweep search demo://smollm2-135m-instruct --bpw 4.5 --bpw 5.5 --tasks arc_easy --limit 40 --out recipes/\n\n"
+                "Each module's KL cost per format is measured on a calibration text (once per model, cached), the\n"
+                "formats that minimise the predicted KL within each budget are chosen exactly (a knapsack), and each\n"
+                "found recipe (auto-<budget>) is quantized, benchmarked and compared with the fidelity corpus, as\n"
+                "a cell of the implicit sweep <store>/sweeps/<name>-search.yaml. The recipe file is beside its model\n"
+                "(<store>/published/<model>-auto-<budget>-mlx/recipe.yaml) and, with --out, copied there.")
+    p.add_argument("source", help="hf://org/name[@revision], a local HF-layout directory, a llama .gguf file, or demo://tiny-llama")
+    p.add_argument("--bpw", type=float, action="append", help="a budget in bits per weight over the quantizable modules, "
+                   "scales included (as `qsweep recipes show`); repeat for several")
+    p.add_argument("--bytes", type=int, action="append", help="a budget in bytes of the quantizable modules; repeatable")
+    p.add_argument("--formats", action="append", help="what a module may take, comma-separated: q2g32 ... q8g128, mxfp4, "
+                   "nvfp4, mxfp8, float (default: all)")
+    p.add_argument("--calibration", help="the text sensitivity is measured on (default: qsweep:data/calibration.txt); "
+                   "never the fidelity corpus")
+    p.add_argument("--out", help="copy the found recipe files here: a folder, or a .yaml file for one budget")
+    p.add_argument("--tasks", action="append", help="lm-eval tasks, comma-separated or repeated (default: a sweep file's)")
+    p.add_argument("--limit", type=int, help="questions per task, a seeded random sample (default: all)")
+    p.add_argument("--repo", help="upload to this hub repo, with {model} and {recipe} placeholders (needs a hub token)")
+    p.add_argument("--name", help="the model's name in the store, cards and repos (default: the source's last path component)")
+    p.add_argument("--trust-remote-code", action="store_true", help="let the model's own code (auto_map, *.py) run on loading")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the libraries' output live (else: the run's log file)")
+    p.set_defaults(fn=cmd_search, prepare=prepare_search, blas=True)
 
     p = command(sub, "status", "cells x stages of the latest run: done, cached, failed, gated or pending",
                 "  qsweep status --format json")

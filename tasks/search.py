@@ -334,8 +334,8 @@ def find_recipe(table: dict, base_dir, name: str, search: dict) -> tuple[Recipe,
     what = (f"{search['budget_bytes']} bytes" if search.get("budget_bytes")
             else f"{search['budget_bpw']:g} bits per weight")
     if not low <= budget <= high:
-        raise BudgetError(f"search budget {what} is out of reach for {name}: with formats "
-                          f"{', '.join(format_name(f) for f in allowed)} this model's quantizable modules take from "
+        raise BudgetError(f"search budget {what} is out of reach for {name}: with the {len(allowed)} formats allowed, "
+                          f"this model's quantizable modules take from "
                           f"{low / weights:.3f} bits per weight ({low // 8} bytes) to {high / weights:.3f} ({high // 8} bytes)")
     chosen = solve(costs, sizes, budget)
     assignment = {u[0]: options[i][j] for i, (u, j) in enumerate(zip(units, chosen))}
