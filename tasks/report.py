@@ -351,6 +351,9 @@ def frontier_figure(title: str, names: list[str], xs: list[float], ys: list[floa
         ax.errorbar([xs[i] for i in bars], [ys[i] for i in bars], yerr=[halves[i] for i in bars], fmt="none",
                     ecolor="0.45", elinewidth=0.9, capsize=3, zorder=1, label="95% interval")
     ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="C3", lw=1.5, zorder=1)
+    searched = sorted((xs[i], ys[i]) for i, n in enumerate(names) if n.startswith("auto-"))  # `search:` budgets
+    if len(searched) > 1:
+        ax.plot(*zip(*searched), color="C0", lw=1.2, ls="--", zorder=1, label="searched recipes (auto-<budget>)")
     for what, style, label in [
             ("dominated", {"s": 22, "color": "0.55"}, "dominated: interval below the frontier" if bars else "recipe"),
             ("within noise", {"s": 34, "facecolor": "white", "edgecolor": "C3", "linewidths": 1.3},

@@ -148,7 +148,7 @@ class SearchSpec(Strict):
     formats: list[str] = []  # what a module may take, e.g. affine4g64, mxfp4g32, float; empty: every format
     calibration: str = "qsweep:data/calibration.txt"  # the text sensitivity is measured on; never the fidelity corpus
     window: int = Field(128, ge=16)  # tokens per calibration window (its second half is scored)
-    windows: int = Field(6, ge=1)
+    windows: int = Field(4, ge=1)
     check_every: int = Field(4, ge=0)  # every n-th module is also measured in a second format (0: none)
     backend: Backend = "auto"
 
