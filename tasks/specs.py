@@ -147,8 +147,8 @@ class SearchSpec(Strict):
     budgets_bytes: list[int] = []  # bytes of the quantizable modules
     formats: list[str] = []  # what a module may take, e.g. affine4g64, mxfp4g32, float; empty: every format
     calibration: str = "qsweep:data/calibration.txt"  # the text sensitivity is measured on; never the fidelity corpus
-    window: int = Field(128, ge=16)  # tokens per calibration window (its second half is scored)
-    windows: int = Field(4, ge=1)
+    window: int = Field(128, ge=16)  # tokens per calibration window (scored from window/8 on)
+    windows: int = Field(5, ge=1)
     check_every: int = Field(4, ge=0)  # every n-th module is also measured in a second format (0: none)
     backend: Backend = "auto"
 

@@ -74,3 +74,35 @@ def test_qsweep_search_finds_checks_quantizes_and_measures(tmp_path):
     check = subprocess.run([sys.executable, "-m", "flows.cli", "recipes", "check", str(out / "auto-4.5.yaml")],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert check.returncode == 0 and "ok (auto-4.5)" in check.stdout
+
+
+def test_a_measured_kl_is_the_kl_a_user_would_compute(tiny_model):
+    """Probe.kl against a plain float64 KL of the full model's next-token distributions, the module swapped in."""
+    import mlx.core as mx
+    import numpy as np
+
+    from tasks.fidelity import windows
+    from tasks.loading import load_as
+    from tasks.plan import model_modules
+    from tasks.sensitivity import Probe, qdq
+
+    model, tokenizer = load_as(tiny_model, "fp32")
+    found = dict(model.named_modules())
+    units = [(p, found[p]) for p, _, _, _ in model_modules(tiny_model)[0]]
+    tokens = windows(tokenizer, {"corpus": "qsweep:data/calibration.txt", "window": 64, "windows": 3})
+    probe = Probe(model, tokens, units)
+    first = tokens.shape[1] // 8
+
+    def logp(m):
+        z = np.array(m(mx.array(tokens))[:, first:-1].astype(mx.float32), dtype=np.float64)
+        return z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+
+    base = logp(model)
+    for path in ("model.layers.1.self_attn.v_proj", "model.layers.3.mlp.down_proj", "model.embed_tokens"):
+        module = dict(units)[path]
+        original = module.weight
+        module.weight = qdq(original, PROBE, mx.bfloat16)
+        quant = logp(model)
+        module.weight = original
+        expected = (np.exp(base) * (base - quant)).sum(-1).mean()
+        assert probe.kl(path, PROBE, mx.bfloat16) == pytest.approx(expected, rel=1e-3), path
