@@ -175,15 +175,18 @@ def cmd_search(args) -> int:
     """The implicit sweep of the searched recipes, run and measured; then each found recipe file where asked."""
     import shutil
 
+    from flows.cells import plan_and_check, stored_refs
+    from storage.workspace import open_store
+
     code = cmd_quantize(args)
-    store = Path(args.store).resolve()
+    store = open_store(args.store, read_only=True)
     found = []
-    for recipe in args.sweep.search.names():
-        published = [store / d / f"{args.sweep.models[0].name}-{recipe}-mlx" / "recipe.yaml" for d in ("published", "gated")]
-        path = next((p for p in published if p.is_file()), None)
-        if path is None:
+    for cell in plan_and_check(str(args.sweep_file), store)[1]:  # each found recipe is in its quantize artifact
+        refs, _ = stored_refs(store, cell)
+        if "quantize" not in refs:
             code = 1
             continue
+        recipe, path = cell.recipe, store.path(refs["quantize"]) / "recipe.yaml"
         if args.out:
             out = Path(args.out)
             target = out if out.suffix in (".yaml", ".yml") and len(args.sweep.search.names()) == 1 else out / f"{recipe}.yaml"

@@ -56,17 +56,18 @@ def test_qsweep_search_finds_checks_quantizes_and_measures(tmp_path):
     recipe = load_recipe(out / "auto-4.5.yaml")  # `qsweep recipes check` reads it the same way
     header = (out / "auto-4.5.yaml").read_text().splitlines()[:5]
     assert any("calibration text: qsweep:data/calibration.txt" in line for line in header)
-    model_dir = store / "published" / "tiny-llama-auto-4.5-mlx"
+    from storage.metrics import MetricStore
     from tasks.plan import plan_for
 
     base = next((store / "artifacts" / "download").iterdir())
     assert 4.0 < plan_for(recipe, base).bits_per_weight() <= 4.5  # within the budget, and uses it
+    db = MetricStore(store / "metrics.duckdb")
+    _, key = db.query("SELECT key FROM stages WHERE recipe = 'auto-4.5' AND stage = 'quantize' AND status = 'done'")
+    model_dir = store / "artifacts" / "quantize" / key[0][0]  # exported too, unless its quality gates held it back
+    assert (model_dir / "recipe.yaml").read_text() == (out / "auto-4.5.yaml").read_text()
     from mlx_lm import load
 
     load(str(model_dir))  # mlx_lm opens it
-    from storage.metrics import MetricStore
-
-    db = MetricStore(store / "metrics.duckdb")
     _, kl = db.query("SELECT value FROM latest_metrics WHERE recipe = 'auto-4.5' AND metric = 'kl_mean'")
     assert kl and kl[0][0] >= 0  # measured by its fidelity stage, on the fidelity corpus
     _, rows = db.query("SELECT count(*), count(measured_kl) FROM sensitivity")
