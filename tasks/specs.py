@@ -145,7 +145,7 @@ class SearchSpec(Strict):
     budget becomes a cell named auto-<bpw> (or auto-<bytes>B), measured like any recipe."""
     budgets_bpw: list[float] = []  # bits per weight over the quantizable modules, scales included (as `recipes show`)
     budgets_bytes: list[int] = []  # bytes of the quantizable modules
-    formats: list[str] = []  # what a module may take, e.g. affine4g64, mxfp4g32, float; empty: every format
+    formats: list[str] = []  # what a module may take, e.g. q4g64, mxfp4, float (format_names); empty: every format
     calibration: str = "qsweep:data/calibration.txt"  # the text sensitivity is measured on; never the fidelity corpus
     window: int = Field(128, ge=16)  # tokens per calibration window (scored from window/8 on)
     windows: int = Field(5, ge=1)
