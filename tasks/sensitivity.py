@@ -4,7 +4,7 @@ For one base model and a calibration text (never the fidelity corpus: the found 
 judged on text it was not chosen on), the cost of a module u in format f is the increase in
 KL divergence from the base's next-token distribution, over the full vocabulary, when u
 alone takes f and everything else stays in float. Measuring every (module, format) pair
-would be ~200 modules x 19 formats forward passes; instead:
+would be ~200 modules x 21 formats forward passes; instead:
 
 - measured: one probe format per module (3-bit affine, where its group fits), each a real
   forward pass with that module's weights quantized and dequantized in place. A pass
