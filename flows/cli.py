@@ -102,6 +102,11 @@ def model_name(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", last).strip("._-") or "model"
 
 
+def comma_list(given: list[str]) -> list[str]:
+    """An option repeated or comma-separated (--tasks a,b --tasks c), as one list."""
+    return [v for g in given for v in g.split(",") if v]
+
+
 def implicit_sweep(args) -> dict:
     """The sweep file `qsweep quantize` writes: one model, its recipes, and only the settings given
     (every other default is tasks/specs.py's, as for any sweep file)."""
@@ -117,13 +122,13 @@ def implicit_sweep(args) -> dict:
         sweep["name"] = f"{name}-search"  # its own sweep file beside `qsweep quantize`'s
         search = {"budgets_bpw": args.bpw or [], "budgets_bytes": args.bytes or []}
         if args.formats:
-            search["formats"] = [f for given in args.formats for f in given.split(",") if f]
+            search["formats"] = comma_list(args.formats)
         if args.calibration:
             search["calibration"] = args.calibration if args.calibration.startswith("qsweep:") else local(args.calibration)
         sweep["search"] = search
     benchmark = {}
     if args.tasks:
-        benchmark["tasks"] = [t for given in args.tasks for t in given.split(",") if t]
+        benchmark["tasks"] = comma_list(args.tasks)
     if args.limit is not None:
         benchmark["limit"] = args.limit
     if benchmark:
@@ -606,6 +611,16 @@ STORE.add_argument("--store", default=argparse.SUPPRESS, help="artifact and metr
 FORMATS = dict(choices=("table", "csv", "json"), default="table", help="output format (default: table)")
 
 
+def implicit_sweep_options(p) -> None:
+    """What `qsweep quantize` and `qsweep search` both take beside their own: the implicit sweep's settings."""
+    p.add_argument("--tasks", action="append", help="lm-eval tasks, comma-separated or repeated (default: a sweep file's)")
+    p.add_argument("--limit", type=int, help="questions per task, a seeded random sample (default: all)")
+    p.add_argument("--repo", help="upload to this hub repo, with {model} and {recipe} placeholders (needs a hub token)")
+    p.add_argument("--name", help="the model's name in the store, cards and repos (default: the source's last path component)")
+    p.add_argument("--trust-remote-code", action="store_true", help="let the model's own code (auto_map, *.py) run on loading")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the libraries' output live (else: the run's log file)")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="qsweep", description=__doc__.splitlines()[0], formatter_class=FORMAT, epilog=(
         "examples:\n"
@@ -633,12 +648,7 @@ def build_parser() -> Parser:
     p.add_argument("source", help="hf://org/name[@revision], a local HF-layout directory, a llama .gguf file, or demo://tiny-llama")
     p.add_argument("--recipe", action="append", required=True,
                    help="a built-in recipe (`qsweep recipes` lists them) or a recipe file; repeat for several")
-    p.add_argument("--tasks", action="append", help="lm-eval tasks, comma-separated or repeated (default: a sweep file's)")
-    p.add_argument("--limit", type=int, help="questions per task, a seeded random sample (default: all)")
-    p.add_argument("--repo", help="upload to this hub repo, with {model} and {recipe} placeholders (needs a hub token)")
-    p.add_argument("--name", help="the model's name in the store, cards and repos (default: the source's last path component)")
-    p.add_argument("--trust-remote-code", action="store_true", help="let the model's own code (auto_map, *.py) run on loading")
-    p.add_argument("-v", "--verbose", action="store_true", help="show the libraries' output live (else: the run's log file)")
+    implicit_sweep_options(p)
     p.set_defaults(fn=cmd_quantize, prepare=prepare_quantize, blas=True)
 
     p = command(sub, "search", "find the recipe for a size budget: measured sensitivity, an exact solve, then measured",
@@ -657,12 +667,7 @@ def build_parser() -> Parser:
     p.add_argument("--calibration", help="the text sensitivity is measured on (default: qsweep:data/calibration.txt); "
                    "never the fidelity corpus")
     p.add_argument("--out", help="copy the found recipe files here: a folder, or a .yaml file for one budget")
-    p.add_argument("--tasks", action="append", help="lm-eval tasks, comma-separated or repeated (default: a sweep file's)")
-    p.add_argument("--limit", type=int, help="questions per task, a seeded random sample (default: all)")
-    p.add_argument("--repo", help="upload to this hub repo, with {model} and {recipe} placeholders (needs a hub token)")
-    p.add_argument("--name", help="the model's name in the store, cards and repos (default: the source's last path component)")
-    p.add_argument("--trust-remote-code", action="store_true", help="let the model's own code (auto_map, *.py) run on loading")
-    p.add_argument("-v", "--verbose", action="store_true", help="show the libraries' output live (else: the run's log file)")
+    implicit_sweep_options(p)
     p.set_defaults(fn=cmd_search, prepare=prepare_search, blas=True)
 
     p = command(sub, "status", "cells x stages of the latest run: done, cached, failed, gated or pending",

@@ -36,6 +36,7 @@ from tasks import cpu
 from tasks.fidelity import windows
 from tasks.loading import load_as, trunk_and_head
 from tasks.plan import convert_dtype, model_config, model_modules
+from tasks.recipes import layer_index
 from tasks.specs import format_name, format_names, parse_format
 
 # 2: the base's p computed once
@@ -166,7 +167,7 @@ class Probe:
         module = self.units[path]
         original = module.weight
         module.weight = qdq(original, fmt, dtype)
-        layer = layer_of(path)
+        layer = layer_index(path)
         sums = []
         try:
             mx.eval(module.weight)
@@ -191,12 +192,6 @@ class Probe:
         dw = (qdq(w, fmt, dtype) - w).astype(mx.float32)
         h = self.grams[path] if path in self.grams else self.grams["<head>"]  # lm_head runs outside the trunk
         return float(((dw @ h) * dw).sum().item())
-
-
-def layer_of(path: str) -> int | None:
-    from tasks.recipes import layer_index
-
-    return layer_index(path)
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:
@@ -237,7 +232,7 @@ def measure(base_dir: Path, params: dict, out: Path, progress=None) -> dict:
             check = probe.kl(path, CHECK, dtype)
             checks.append((scale * errors[format_name(CHECK)], check))
         for f in options:
-            rows.append({"path": path, "layer": layer_of(path), "out_features": shapes[path][0],
+            rows.append({"path": path, "layer": layer_index(path), "out_features": shapes[path][0],
                          "in_features": in_features, "format": format_name(f), **f, "proxy_error": errors[format_name(f)],
                          "predicted_kl": scale * errors[format_name(f)],
                          "measured_kl": measured if f == probe_fmt else (check if f == CHECK and check is not None else None)})

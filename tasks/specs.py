@@ -36,6 +36,13 @@ def shipped_ref(path: Path) -> str:
     return f"qsweep:{path.relative_to(tasks_dir).as_posix()}" if path.is_relative_to(tasks_dir) else str(path)
 
 
+def existing_text(ref: str, shipped_example: str) -> str:
+    """A text file named in a sweep file, checked to exist; the message names one that ships with qsweep."""
+    if not shipped_path(ref).is_file():
+        raise ValueError(f"{ref!r}: no such file (a text file, or {shipped_example})")
+    return ref
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -134,9 +141,7 @@ class FidelitySpec(Strict):
     @field_validator("corpus")
     @classmethod
     def _corpus_exists(cls, corpus: str) -> str:
-        if not shipped_path(corpus).is_file():
-            raise ValueError(f"{corpus!r}: no such file (a text file, or qsweep:data/hamlet.txt)")
-        return corpus
+        return existing_text(corpus, "qsweep:data/hamlet.txt")
 
 
 
@@ -179,9 +184,7 @@ class SearchSpec(Strict):
     @field_validator("calibration")
     @classmethod
     def _calibration_exists(cls, text: str) -> str:
-        if not shipped_path(text).is_file():
-            raise ValueError(f"{text!r}: no such file (a text file, or qsweep:data/calibration.txt)")
-        return text
+        return existing_text(text, "qsweep:data/calibration.txt")
 
     def names(self) -> list[str]:
         return [f"auto-{b:g}" for b in self.budgets_bpw] + [f"auto-{b}B" for b in self.budgets_bytes]
