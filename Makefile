@@ -3,7 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+# Servers the tests start for real, from Debian's packages: PostgreSQL (Prefect's database), Chromium
+# (the report and the Prefect UI in a browser), iproute2 (workers as separate hosts in network namespaces).
+SYSTEM_PACKAGES := postgresql chromium iproute2 util-linux
+
+.PHONY: setup system demo test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +24,14 @@ demo: $(STAMP)
 	$(VENV)/bin/qsweep sql "SELECT model, recipe, task, metric, round(value, 4) AS value, round(stderr, 4) AS stderr FROM latest_metrics WHERE stage IN ('quantize', 'benchmark') ORDER BY recipe, task, metric"
 	@echo "model cards: .qsweep/published/*/README.md   held back by a quality gate: .qsweep/gated/*/README.md   report: .qsweep/report/report.html"
 
-test: $(STAMP)
+system:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ] || ! command -v apt-get >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "make test: as root, apt-get install $$missing (tests that need them fail under CI=true, else skip)"; exit 0; fi; \
+	echo "make test: installing $$missing (Debian)"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null
+
+test: $(STAMP) system
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 clean:
