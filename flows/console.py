@@ -89,6 +89,8 @@ class View:
             done = sum(1 for c2 in self.cells.values() if c2.finished)
             how = "failed" if e.kind == "cell_failed" else f"measured ({cached} of {len(measured)} stages cached)"
             return f"cell {done}/{len(self.cells)} {c.name} {how}{self._eta_text()}"
+        elif e.kind == "cell_retry":
+            return f"{c.name}: its run crashed ({e.detail}); running the cell again"
         elif e.kind == "published":
             c.gated = e.detail
             return f"{c.name}: held back by its quality gates ({e.detail})" if e.detail else None
@@ -132,8 +134,11 @@ class View:
         return t
 
 
-def run_sweep(sweep_file: Path | str, store: Path | str, verbose: bool = False) -> int:
-    """Run the (already validated) sweep file on the store; 0 when every cell finished, else 1."""
+def run_sweep(sweep_file: Path | str, store: Path | str, verbose: bool = False, cell_deployment: str | None = None) -> int:
+    """Run the (already validated) sweep file on the store; 0 when every cell finished, else 1.
+    `cell_deployment` sends the cells to that deployment's workers."""
+    from flows.server import ServerDidNotStart
+
     store = Path(store).resolve()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # its heartbeat's traceback, at start
     log_path = store / "logs" / f"{datetime.now():%Y%m%d-%H%M%S}-{Path(sweep_file).stem}.log"
@@ -146,7 +151,10 @@ def run_sweep(sweep_file: Path | str, store: Path | str, verbose: bool = False) 
     print(f"qsweep: running {sweep_file}; " + ("library output shown as it comes (-v)" if verbose else
           f"library output goes to {_short(log_path)} (-v shows it here)"), file=terminal, flush=True)
     try:
-        ok = _run(sweep_file, store, view, terminal)
+        ok = _run(sweep_file, store, view, terminal, cell_deployment)
+    except ServerDidNotStart as e:  # no run began: nothing to sum up, and no status table of an earlier run after it
+        print(f"qsweep: error: {e}", file=terminal)
+        raise SystemExit(1) from None
     finally:
         stop()
         if saved is not None:
@@ -156,12 +164,14 @@ def run_sweep(sweep_file: Path | str, store: Path | str, verbose: bool = False) 
     return 0 if ok else 1
 
 
-def _run(sweep_file, store: Path, view: View, terminal) -> bool:
+def _run(sweep_file, store: Path, view: View, terminal, cell_deployment: str | None) -> bool:
+    from flows.server import start_temporary_server
     from flows.sweep import sweep
 
+    start_temporary_server()  # from this thread, so that it dies with the process (flows/server.py)
     if not view.live:
         with _without_heartbeats_when_temporary():
-            return sweep(sweep_file=str(sweep_file), store=str(store), return_state=True).is_completed()
+            return sweep(sweep_file=str(sweep_file), store=str(store), cell_deployment=cell_deployment, return_state=True).is_completed()
     from rich.console import Console
     from rich.live import Live
 
@@ -175,7 +185,7 @@ def _run(sweep_file, store: Path, view: View, terminal) -> bool:
         painter = threading.Thread(target=refresh, daemon=True)
         painter.start()
         try:
-            return sweep(sweep_file=str(sweep_file), store=str(store), return_state=True).is_completed()
+            return sweep(sweep_file=str(sweep_file), store=str(store), cell_deployment=cell_deployment, return_state=True).is_completed()
         finally:
             done.set()
             shown.update(view.table())

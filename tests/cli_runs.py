@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import duckdb
@@ -69,11 +70,25 @@ def qsweep(store: Path, *args, prefect_home: Path, env=None, wait=True):
         p = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
         try:
             p.wait(timeout=600)
+            left = left_in_group(p.pid)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
         out.seek(0), err.seek(0)
-        return subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read())
+        done = subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read())
+        done.left_behind = left  # processes of its session alive 5 s after it ended (a temporary server, say)
+        return done
+
+
+def left_in_group(pgid: int, grace: float = 5.0) -> list[str]:
+    """`ps` lines of the live (not zombie) processes left in a process group, after up to `grace` seconds."""
+    deadline = time.monotonic() + grace
+    while True:
+        ps = subprocess.run(["ps", "-o", "pid=,stat=,args=", "-g", str(pgid)], capture_output=True, text=True).stdout
+        left = [line.strip() for line in ps.splitlines() if line.split()[1][0] != "Z"]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
 
 
 def rows(store: Path, sql: str):

@@ -49,6 +49,7 @@ def test_sigkills_and_an_altered_artifact_then_a_rerun_gives_the_uninterrupted_r
     for kill in KILLS:  # each run dies one stage further on; every run before it did its part
         killed = qsweep(store, "run", sweep, prefect_home=home, env={"QSWEEP_FAILPOINT": kill})
         assert killed.returncode == -signal.SIGKILL, (kill, killed.stderr[-3000:])
+        assert killed.left_behind == [], kill  # its temporary Prefect server died with it
         stage = kill.split(":")[0]
         assert list((store / "artifacts" / stage).glob(".tmp-*")), kill  # it died with the artifact half made
         assert not [p for p in (store / "artifacts" / stage).iterdir() if not p.name.startswith(".")]
@@ -152,3 +153,33 @@ def test_two_sweeps_started_at_once_on_one_store_compute_each_stage_once(uninter
     (a_start, a_end), (b_start, b_end) = rows(store, "SELECT started, finished FROM runs ORDER BY started")
     assert b_start < a_end
     assert measured(store) == measured(uninterrupted)
+
+
+SLOW_SERVER = textwrap.dedent("""
+    # sitecustomize for the test below: Prefect's temporary server (a uvicorn child) starts 25 s late
+    import time
+    if b"prefect.server.api.server:create_app" in open("/proc/self/cmdline", "rb").read():
+        time.sleep(25)
+""")
+
+
+def test_a_temporary_server_slower_than_prefects_20_s_is_waited_for(uninterrupted, tiny_model, tmp_path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_SERVER)
+    store = tmp_path / "store"
+    shutil.copytree(uninterrupted, store)
+    done = qsweep(store, "run", sweep_file(tmp_path, tiny_model), prefect_home=tmp_path / "prefect",
+                  env={"PYTHONPATH": f"{tmp_path / 'site'}:{os.environ.get('PYTHONPATH', '')}"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "2 of 2 cells measured" in done.stdout
+
+
+def test_a_temporary_server_that_cannot_start_is_one_line(tmp_path, tiny_model):
+    database = "postgresql+asyncpg://nobody@127.0.0.1:9/none"  # nothing listens there: every start fails
+    done = qsweep(tmp_path / "store", "run", sweep_file(tmp_path, tiny_model), prefect_home=tmp_path / "prefect",
+                  env={"PREFECT_API_DATABASE_CONNECTION_URL": database})
+    assert done.returncode == 1
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("qsweep: running"), done.stdout
+    assert lines[1].startswith("qsweep: error: Prefect's temporary server exited with code 3 while starting")
+    assert "PREFECT_API_URL" in lines[1] and done.left_behind == []
