@@ -83,12 +83,32 @@ def refuse_unrunnable(args) -> int | None:
     return None
 
 
+def refuse_unwritable(args) -> int | None:
+    """1 after one line, when the command must write where it cannot (a read-only filesystem, no permission):
+    before anything runs. What only reads (status, sql, compare, publish --dry-run) reads such a store as any other;
+    cards and report write to --out, the store's cards/ and report/ without it."""
+    if args.command not in ("run", "quantize", "search", "publish", "cards", "report") or getattr(args, "dry_run", False):
+        return None
+    from storage.workspace import StoreNotWritable, check_writable
+
+    out = args.out if args.command in ("cards", "report") else None
+    try:
+        check_writable(out, "folder") if out else check_writable(args.store)
+    except StoreNotWritable as e:
+        where = "--out" if out else "--store" + (" (or --out)" if args.command in ("cards", "report") else "")
+        return fail(f"{e}; qsweep {args.command} writes there: give {where} a writable folder", 1)
+    return None
+
+
 def cmd_run(args) -> int:
     if refused := refuse_unrunnable(args):
         return refused
     from flows.console import run_sweep
 
-    code = run_sweep(args.sweep_file, args.store, verbose=args.verbose)
+    if args.cells_on and not os.environ.get("PREFECT_API_URL"):
+        return fail("--cells-on needs a Prefect server that the deployment's workers also reach: set PREFECT_API_URL "
+                    "(README: Running it as a service)")
+    code = run_sweep(args.sweep_file, args.store, verbose=args.verbose, cell_deployment=args.cells_on)
     cmd_status(args)
     return code
 
@@ -446,6 +466,9 @@ def cmd_publish(args) -> int:
         if args.dry_run:
             print("\n".join(dry_run_sweep(str(args.sweep_file), store, args.force_gated)))
             return 0
+        from flows.server import start_temporary_server
+
+        start_temporary_server()  # dies with this process (flows/server.py)
         state = publish_sweep(sweep_file=str(args.sweep_file), store=store, force_gated=args.force_gated,
                               return_state=True)
     except SweepError as e:
@@ -561,6 +584,11 @@ def cmd_worker(args) -> int:
     cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool, "--type", "process"]
     cmd += ["--name", args.name] if args.name else []
     cmd += ["--limit", str(args.limit)] if args.limit else []
+    if args.worker_store:  # its flow runs (child processes) read it: this machine's store, whatever the run names
+        os.environ["QSWEEP_WORKER_STORE"] = str(Path(args.worker_store).resolve())
+    # heartbeats from its flow runs, as often as Prefect allows: a run whose machine dies is marked Crashed
+    # once they stop (the sweep's rule, flows/stage.py ensure_zombie_rule) and its cell is run again
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
     os.execv(sys.executable, cmd)
 
 
@@ -636,6 +664,8 @@ def build_parser() -> Parser:
     p = command(sub, "run", "run a sweep file: every model x recipe through every stage, then a card per cell",
                 "  qsweep run sweeps/tiny.yaml --store .qsweep     # a one-minute look on a generated tiny model")
     p.add_argument("sweep_file", type=Path, help="the sweep file (YAML): models, recipes and stage settings")
+    p.add_argument("--cells-on", metavar="DEPLOYMENT", help="send each cell to this deployment's workers (e.g. "
+                   "cell/qsweep-cell; needs PREFECT_API_URL) instead of running it here")
     p.add_argument("-v", "--verbose", action="store_true", help="show the libraries' output live (else: the run's log file)")
     p.set_defaults(fn=cmd_run, prepare=load_or_refuse, blas=True)
 
@@ -727,6 +757,8 @@ def build_parser() -> Parser:
     p.add_argument("--pool", default="qsweep", help="the work pool (default: qsweep; created if missing)")
     p.add_argument("--name", help="the worker's name (default: Prefect's)")
     p.add_argument("--limit", type=int, help="most flow runs at once (default: no limit)")
+    p.add_argument("--store", dest="worker_store", help="this machine's own store for the runs it takes, instead of the store each run names "
+                   "(for machines that share artifacts through QSWEEP_MIRROR)")
     p.set_defaults(fn=cmd_worker, blas=True)
     return parser
 
@@ -734,6 +766,8 @@ def build_parser() -> Parser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if (prepare := getattr(args, "prepare", None)) and (refused := prepare(args)):
+        return refused
+    if refused := refuse_unwritable(args):
         return refused
     if argv is None and getattr(args, "blas", False):  # a real command line that runs models: a real BLAS first
         from flows.blas import reexec_with_blas  # (flows/blas.py); it asks mlx whether a GPU does the matmuls

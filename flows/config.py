@@ -153,7 +153,9 @@ def to_recipe(spec: RecipeSpec) -> Recipe:
 def parse_sweep(data, origin: str = "sweep", what: str = "sweep file") -> Sweep:
     """`what` names the input in the message: `qsweep quantize` validates its options as the sweep file they make."""
     if not isinstance(data, dict):
-        raise SweepError(f"{origin}: expected a mapping with keys {', '.join(Sweep.model_fields)}")
+        got = "nothing (empty)" if data is None else {list: "a list", str: "a string", bool: "true or false",
+                                                       int: "a number", float: "a number"}.get(type(data), type(data).__name__)
+        raise SweepError(f"{origin}: expected a mapping with keys {', '.join(Sweep.model_fields)}; got {got}")
     try:
         return Sweep.model_validate(data)
     except ValidationError as e:
@@ -178,6 +180,8 @@ def load_sweep(path: Path | str) -> tuple[Sweep, str]:
         data = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         raise SweepError(f"{path}: not valid YAML: {e}") from None
+    if data is None:  # no bytes, blanks or comments only
+        raise SweepError(f"{path}: empty; a sweep file is a mapping with keys {', '.join(Sweep.model_fields)}")
     notes = (data.get("card") or {}).get("notes") if isinstance(data, dict) else None
     if isinstance(notes, dict):  # notes files are relative to the sweep file, wherever qsweep runs
         for name, file in notes.items():

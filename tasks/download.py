@@ -12,6 +12,7 @@ materialises exactly those files as plain files.
 """
 
 import fnmatch
+import json
 import re
 import shutil
 from pathlib import Path
@@ -114,10 +115,12 @@ def _resolve_local(source: str) -> dict:
         return _resolve_gguf(source, path.resolve())
     if not path.is_dir():
         raise _bad(source, "not an existing directory or .gguf file")
-    names = _model_files(path)
-    if not _is_complete(names):
-        raise _bad(source, "the directory lacks config.json or model*.safetensors")
     path = path.resolve()
+    names = _model_files(path)
+    if lacks := _lacks(names):
+        raise _bad(source, f"the folder {path} has {lacks}{_unread_weights(path)}")
+    if damaged := _damaged(path, names):
+        raise SourceError(f"model source {source!r}: {path / damaged[0]} {damaged[1]}")
     return {"kind": "local", "path": str(path), "content": digest_files(_file_info(path, names))}
 
 
@@ -158,11 +161,13 @@ def download(resolved: dict, out: Path) -> dict:
         raise SourceError(f"unknown resolved source kind {kind!r}; expected hf, demo, local or gguf")
 
     files = _file_info(out, _model_files(out))
-    if not _is_complete(files):
-        raise SourceError(f"{_describe(resolved)} has no config.json or {WEIGHTS} at its top level")
+    if lacks := _lacks(files):
+        raise SourceError(f"{_describe(resolved)} has {lacks} at its top level")
     # The cache key holds the digest taken at resolve time; refuse to file different content under it.
     if kind == "local" and digest_files(files) != resolved["content"]:
         raise SourceError(f"{_describe(resolved)} changed since it was resolved; resolve it again")
+    if damaged := _damaged(out, files):  # e.g. a download cut short: refused here, so never stored
+        raise SourceError(f"{_describe(resolved)}: {' '.join(damaged)}")
     info = {"source_kind": kind, "files": files, "bytes": sum(f["bytes"] for f in files.values())}
     if kind == "hf":
         info.update(repo=resolved["repo"], revision=resolved["revision"])
@@ -236,8 +241,50 @@ def _model_files(directory: Path) -> list[str]:
                   if p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in MODEL_FILES))
 
 
-def _is_complete(names) -> bool:
-    return "config.json" in names and any(fnmatch.fnmatchcase(n, WEIGHTS) for n in names)
+def _lacks(names) -> str | None:
+    """What of config.json and the weights the model files lack, as 'no ...'; None if neither."""
+    missing = [what for what, found in (("config.json", "config.json" in names),
+                                        (f"weights ({WEIGHTS})", any(fnmatch.fnmatchcase(n, WEIGHTS) for n in names)))
+               if not found]
+    return " and ".join(f"no {what}" for what in missing) or None
+
+
+def _unread_weights(directory: Path) -> str:
+    """Weights in other files than qsweep reads, named, so that the user knows why they do not count."""
+    other = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors", ".gguf")
+                   and not fnmatch.fnmatchcase(p.name, WEIGHTS))
+    if not other:
+        return ""
+    return f"; it has {', '.join(other[:3])}{', ...' if len(other) > 3 else ''}, but qsweep reads weights from {WEIGHTS} only"
+
+
+def _damaged(directory: Path, names) -> tuple[str, str] | None:
+    """The first safetensors file that cannot be whole and why: its header read, and each tensor's byte
+    range held against the file's size (a copy or download cut short). The index's shards must be there too."""
+    for name in names:
+        if name == "model.safetensors.index.json":
+            try:
+                shards = set(json.loads((directory / name).read_text())["weight_map"].values())
+            except (ValueError, KeyError, TypeError, AttributeError):
+                return name, "is not a safetensors index (no weight_map)"
+            if missing := sorted(shards - set(names)):
+                return name, f"names {', '.join(missing)}, which the folder lacks"
+        if not name.endswith(".safetensors"):
+            continue
+        size = (directory / name).stat().st_size
+        with open(directory / name, "rb") as f:
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else None
+            if n is None or n > size - 8:
+                return name, f"is truncated or not safetensors: {size:,} bytes, too few for its header"
+            try:
+                header = json.loads(f.read(n))
+                ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+                end = max(map(int, ends), default=0)
+            except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+                return name, "is damaged or not safetensors: its header is not a safetensors header"
+        if 8 + n + end > size:
+            return name, f"is truncated: its tensors need {8 + n + end:,} bytes, the file has {size:,}; copy or download it again"
+    return None
 
 
 def _file_info(directory: Path, names: list[str]) -> dict:
