@@ -13,9 +13,10 @@ all ask it. An artifact whose files no longer match its manifest is moved aside,
 the store's `events` sink (the `events` table), and built again. Files are hashed through
 a state database (storage/digests.py), so an unchanged artifact is not read again.
 
-QSWEEP_FAILPOINT=<stage>:start|write makes the process SIGKILL itself as that
+QSWEEP_FAILPOINT=<stage>:start|write (push: storage/remote.py) makes the process SIGKILL itself as that
 stage's build starts, or once its files are written but before its manifest: the
-fault tests crash a sweep there to show that a rerun loses nothing.
+fault tests crash a sweep there to show that a rerun loses nothing. With `:hang` after it,
+the process stops there instead, as a frozen machine would, for a test to kill.
 """
 
 import errno
@@ -85,9 +86,12 @@ class NoRoom(OSError):
     """The store's disk (or the process's file size limit) ran out while writing an artifact."""
 
 
-def _failpoint(stage: str, point: str) -> None:
+def failpoint(stage: str, point: str) -> None:
+    """QSWEEP_FAILPOINT (above): at `point` of `stage` (start, write; push in storage/remote.py)."""
     if settings().failpoint == f"{stage}:{point}":
         os.kill(os.getpid(), signal.SIGKILL)
+    while settings().failpoint == f"{stage}:{point}:hang":  # a machine that stops here, for a test to kill
+        time.sleep(1)
 
 
 def _no_room(error: BaseException, where: Path) -> str | None:
@@ -174,21 +178,16 @@ class Store:
         `build(out_dir)` writes the files and returns an info dict (metric rows
         go under info["metrics"]) that lands in the manifest."""
         key = artifact_key(stage, code_version, params, inputs)
-        found = self.current(stage, key)
-        if found is not None:
-            return found
-        final = self.path(stage, key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        # Two sweeps on one store wait for each other here instead of building the same key twice.
-        (self.root / "locks").mkdir(parents=True, exist_ok=True)
-        with FileLock(self.root / "locks" / f"{stage}-{key}"):
-            found = self.current(stage, key)
-            if found is not None:
-                return found
-            ref = self._build(stage, code_version, params, inputs, key, build)
+        ref = self.current(stage, key)
+        if ref is None:
+            self.path(stage, key).parent.mkdir(parents=True, exist_ok=True)
+            # Two sweeps on one store wait for each other here instead of building the same key twice.
+            (self.root / "locks").mkdir(parents=True, exist_ok=True)
+            with FileLock(self.root / "locks" / f"{stage}-{key}"):
+                ref = self.current(stage, key) or self._build(stage, code_version, params, inputs, key, build)
         if self.mirror is not None:  # outside the lock: others waiting for this key need not wait for the upload
-            try:
-                self.mirror.push(final, stage, key)
+            try:  # also an artifact found here: its push may have died with the process that built it
+                self.mirror.push(self.path(stage, key), stage, key)  # (one request when the mirror has it)
             except Exception as e:  # the local artifact stands; other machines build it themselves
                 logging.getLogger("qsweep").warning("%s/%s not pushed to %r: %s", stage, key, self.mirror, scrub(e))
         return ref
@@ -225,7 +224,7 @@ class Store:
         tmp.mkdir()
         started = time.time()
         try:
-            _failpoint(stage, "start")
+            failpoint(stage, "start")
             try:
                 info = build(tmp) or {}
             except Exception as e:
@@ -234,7 +233,7 @@ class Store:
                                  "this stage was kept: free some space (or use --store on a larger disk) and run the "
                                  "sweep again; finished stages are not redone") from e
                 raise
-            _failpoint(stage, "write")
+            failpoint(stage, "write")
             files = scan_files(tmp, self.hashes)  # remembered: the rename keeps each file's stat
             manifest = {
                 "stage": stage,

@@ -5,6 +5,8 @@ A Mirror holds copies of finished artifacts from local Stores, laid out as
 stores have no atomic rename, so push uploads the manifest last: a reader that
 sees a manifest sees every file it names. pull checks every downloaded file
 against the manifest's sha256 before the caller renames it into its store.
+QSWEEP_FAILPOINT=<stage>:push kills the process once a push has uploaded the files and before
+the manifest, the widest half-upload there is (object stores write each object whole or not at all).
 """
 
 import contextlib
@@ -15,7 +17,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 
+from storage.artifacts import failpoint
 from storage.digests import MANIFEST, HashCache, digest_files, scan_files
+
+OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss"}
 
 
 def redact(url: str) -> str:
@@ -45,6 +50,9 @@ class Mirror:
         self.fs, root = fsspec.core.url_to_fs(url, **storage_options)
         self.root = root.rstrip("/")
         self.url = redact(url)
+        # Object stores have no folders; s3fs's makedirs would even create a missing (misspelt) bucket.
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        self.folders = not protocols & OBJECT_STORES
 
     def __repr__(self) -> str:
         return f"Mirror({self.url!r})"
@@ -65,7 +73,9 @@ class Mirror:
         return None
 
     def has(self, stage: str, key: str) -> bool:
-        return self.fs.exists(self._path(stage, key, MANIFEST))
+        where = self._path(stage, key, MANIFEST)
+        self.fs.invalidate_cache(where)  # other machines write here: a listing this process cached is stale
+        return self.fs.exists(where)
 
     def push(self, local_dir: Path, stage: str, key: str) -> None:
         """Upload a finished local artifact, manifest last. A complete remote copy is left alone."""
@@ -74,9 +84,11 @@ class Mirror:
         if self._manifest(stage, key) is not None:
             return  # same key, same content: the first complete copy stays, as in the local store
         remote = [self._path(stage, key, n) for n in names]
-        for parent in sorted({r.rsplit("/", 1)[0] for r in remote} | {self._path(stage, key)}):
-            self.fs.makedirs(parent, exist_ok=True)  # a no-op on object stores, needed on file://
+        if self.folders:  # file://, NFS: the folders first
+            for parent in sorted({r.rsplit("/", 1)[0] for r in remote} | {self._path(stage, key)}):
+                self.fs.makedirs(parent, exist_ok=True)
         self.fs.put([str(local_dir / n) for n in names], remote)  # lists: concurrent on s3/gcs
+        failpoint(stage, "push")
         self.fs.put_file(str(local_dir / MANIFEST), self._path(stage, key, MANIFEST))
 
     def discard(self, stage: str, key: str) -> None:
