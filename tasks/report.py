@@ -19,7 +19,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from statistics import NormalDist, median
 
@@ -459,11 +459,14 @@ def report_blocks(store, out: Path | None = None) -> list[tuple]:
     history = load_history(db)
     failures, cards = latest_failures(db), card_links(db, root, out)
     n_runs = runs[0][0] if runs else 0
-    blocks = [("h1", "qsweep report"), ("p", f"Store {root.name}: {n_runs} run{'s' * (n_runs != 1)}.")]
+    # "as of": a sweep that computed nothing leaves the report as it was (flows/sweep.py), so say when it was made
+    blocks = [("h1", "qsweep report"), ("p", f"Store {root.name} as of {datetime.now():%Y-%m-%d %H:%M:%S}: "
+                                             f"{n_runs} run{'s' * (n_runs != 1)}.")]
     if runs:
         _, sweep, started, status, tools = runs[0]
         tools = ", ".join(f"{k} {v}" for k, v in json.loads(tools or "{}").items())
-        blocks.append(("p", f"Latest run: sweep {sweep}, started {started:%Y-%m-%d %H:%M:%S %Z}, {status}. Tools: {tools}."))
+        blocks.append(("p", f"Latest run then: sweep {sweep}, started {started:%Y-%m-%d %H:%M:%S %Z}, {status}. "
+                            f"Tools: {tools}."))
     blocks.append(("p", PARETO_HOWTO))
     slugs: dict[str, str] = {}
     for model in sorted({*latest, *(m for m, _ in failures)}):

@@ -1,7 +1,8 @@
 """qsweep as a service, the way the README sets it up: a real `prefect server` on a free
-loopback port, the `qsweep` process pool, `prefect deploy --all` from prefect.yaml, two
-workers, and a small sweep triggered through the server's API. Everything started here is
-stopped here. Checks go through Prefect's REST API, as the UI reads it, and the store."""
+loopback port, its database on a real PostgreSQL server (tests/postgres.py), the `qsweep`
+process pool, `prefect deploy --all` from prefect.yaml, two workers, and a small sweep
+triggered through the server's API. Everything started here is stopped here. Checks go
+through Prefect's REST API, as the UI reads it, the store, and Postgres itself."""
 
 import contextlib
 import json
@@ -17,6 +18,7 @@ import duckdb
 import httpx
 import pytest
 import yaml
+from postgres import Postgres
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["bf16", "q4", "qx86-hi"]
@@ -30,10 +32,11 @@ def free_port() -> int:
 
 
 class Service:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, pg: Postgres):
         self.root, self.port = root, free_port()
         self.api = f"http://127.0.0.1:{self.port}/api"
         self.env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), "PREFECT_API_URL": self.api,
+                    "PREFECT_API_DATABASE_CONNECTION_URL": pg.url,
                     "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
         self.processes: list[subprocess.Popen] = []
 
@@ -55,8 +58,8 @@ class Service:
         return self.call("POST", path, json=body)
 
     def call(self, method: str, path: str, **kwargs):
-        """A request to the API, retried on 503 as Prefect's own client does: the server answers so
-        while its SQLite database is busy (seen here under load)."""
+        """A request to the API, retried on 503 as Prefect's own client does (a server on SQLite
+        answers so while its database is busy; on Postgres it should not)."""
         for attempt in range(10):
             response = httpx.request(method, self.api + path, timeout=30, **kwargs)
             if response.status_code != 503:
@@ -103,8 +106,14 @@ class Service:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    s = Service(tmp_path_factory.mktemp("service"))
+def pg():
+    with Postgres() as pg:  # outlives the server: pytest tears `service` down first
+        yield pg
+
+
+@pytest.fixture(scope="module")
+def service(pg, tmp_path_factory):
+    s = Service(tmp_path_factory.mktemp("service"), pg)
     prefect = [sys.executable, "-m", "prefect"]
     try:
         s.start("server", *prefect, "server", "start", "--host", "127.0.0.1", "--port", str(s.port))
@@ -113,7 +122,8 @@ def service(tmp_path_factory):
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(s.api + "/health", timeout=5).status_code == 200:
                     break
-            assert time.monotonic() < deadline and s.processes[0].poll() is None, s.log("server")[-3000:]
+            assert time.monotonic() < deadline and s.processes[0].poll() is None, \
+                s.log("server")[-3000:] + pg.log()[-2000:]
             time.sleep(1)
         # The README's commands, in its order.
         s.run(*prefect, "work-pool", "create", "qsweep", "--type", "process")
@@ -215,3 +225,24 @@ def test_a_second_run_shows_every_stage_cached(service, runs):
               if t["id"] not in parents}
     assert {name for name, _ in states} >= {"quantize:q4", "smoke:q4", "benchmark:q4", "publish:tiny/q4"}
     assert {state for _, state in states} == {"Cached"}, states
+
+
+def test_the_server_keeps_its_runs_in_postgres(pg, service, runs):
+    _, first, second = runs
+    names = dict(pg.sql("SELECT id, name FROM flow_run"))
+    assert names[first["id"]] == names[second["id"]] == "sweep:svc"
+    assert {n for n in names.values() if n.startswith("cell:")} == {f"cell:tiny/{r}" for r in RECIPES}
+    assert not list((service.root / "prefect").glob("*.db"))  # no SQLite database beside it
+
+
+def test_the_ui_shows_the_sweep_its_cells_and_their_cached_tasks(service, runs, tmp_path):
+    """In a real browser (Debian's Chromium): the second run, its cell runs, and every task of them Cached."""
+    from browser import check_prefect_ui, chromium
+
+    _, _, second = runs
+    with chromium() as browser:
+        check_prefect_ui(browser.new_page(), f"http://127.0.0.1:{service.port}/", "sweep:svc",
+                         [f"cell:tiny/{r}" for r in RECIPES],
+                         [f"{s}:{r}" for r in RECIPES for s in ("quantize", "smoke", "benchmark")]
+                         + ["download:tiny"] + [f"publish:tiny/{r}" for r in RECIPES],
+                         flow_run_id=second["id"], shots=tmp_path)
