@@ -18,7 +18,7 @@ from flows import progress
 from flows.cells import Cell
 from storage.artifacts import ArtifactRef, Store
 from storage.metrics import MetricStore
-from storage.workspace import open_store
+from storage.workspace import local_store, open_store
 from tasks import remote_code
 from tasks.download import redact
 from flows.stage import ensure_model_slots, run_stage
@@ -112,7 +112,7 @@ def _run_name() -> str:
 def cell(store: str, run_id: str, cell: Cell, model_slots: int = 1) -> dict:
     """`model_slots` is how many models this machine may hold at once. Returns the cell's artifacts by stage."""
     ensure_model_slots(model_slots)  # here, not in the sweep: a worker on another machine counts its own
-    ledger = Ledger(open_store(store), run_id, cell)
+    ledger = Ledger(open_store(local_store(store)), run_id, cell)
     refs = {}
     with remote_code.allowed(cell.trust_remote_code):  # every model load of this cell's stages
         for name in cell.stages():

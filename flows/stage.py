@@ -22,6 +22,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.filesystems import WritableFileSystem
 
 from storage.artifacts import ArtifactRef, Store
+from storage.settings import settings
 from storage.workspace import open_store
 from tasks.registry import STAGES, Stage
 
@@ -125,6 +126,41 @@ def ensure_model_slots(count: int, reclaim: bool = False) -> None:
             client.upsert_global_concurrency_limit_by_name(model_slots(), count)
         if reclaim and _alone_on_this_home():
             client.update_global_concurrency_limit(model_slots(), GlobalConcurrencyLimitUpdate(active_slots=0))
+
+
+ZOMBIE_RULE = "qsweep: crash flow runs without heartbeats"
+
+
+def ensure_zombie_rule() -> None:
+    """The server's automation that marks a flow run Crashed when its heartbeats stop for QSWEEP_ZOMBIE_SECONDS
+    (Prefect's "detect zombie flows" recipe): a cell whose machine died is then run again by its sweep.
+    Heartbeats come every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (`qsweep worker` sets 30, Prefect's
+    least); the window should hold about three."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    rule = Automation(name=ZOMBIE_RULE, trigger=EventTrigger(
+        after={"prefect.flow-run.heartbeat"},
+        expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+        match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+        for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+        within=timedelta(seconds=settings().zombie_seconds)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, message="no heartbeat for "
+                                    f"{settings().zombie_seconds} s: its machine or process died")])
+    try:
+        found = Automation.read(name=ZOMBIE_RULE)
+    except ValueError:  # none by that name yet
+        rule.create()
+        return
+    if found.trigger != rule.trigger or found.actions != rule.actions:
+        rule.id = found.id
+        rule.update()
 
 
 _running: list = []  # this process's hold on <prefect home>/qsweep-sweeps.lock, while it runs a sweep

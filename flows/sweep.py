@@ -26,9 +26,9 @@ from flows.publish import try_publish
 from storage.artifacts import Store
 from storage.keys import tool_versions
 from storage.metrics import MetricStore, cell_summary
-from storage.workspace import open_store
+from storage.workspace import local_store, open_store
 from tasks.compare import BASE_RECIPE
-from flows.stage import ensure_model_slots
+from flows.stage import ensure_model_slots, ensure_zombie_rule
 
 
 def _run_name() -> str:
@@ -40,6 +40,9 @@ def _run_name() -> str:
         return f"sweep:{yaml.safe_load(path.read_text())['name']}"
     except Exception:  # the flow itself reports a bad sweep file, with the field and the allowed values
         return f"sweep:{path.stem}"
+
+
+CELL_ATTEMPTS = 3  # runs of a cell deployment that ends Crashed, before the cell counts as failed
 
 
 def measure_cells(cells: list[Cell], store: Store, run_id: str, at_once: int, model_slots: int,
@@ -61,8 +64,16 @@ def measure_cells(cells: list[Cell], store: Store, run_id: str, at_once: int, mo
             return state.result() if state.is_completed() else None, state.message
         from prefect.deployments import run_deployment
 
-        run = run_deployment(cell_deployment, parameters=params, tags=[f"model:{c.model}", f"recipe:{c.recipe}"],
-                             as_subflow=True)
+        for attempt in range(1, CELL_ATTEMPTS + 1):
+            run = run_deployment(cell_deployment, parameters=params, tags=[f"model:{c.model}", f"recipe:{c.recipe}"],
+                                 as_subflow=True)
+            if not run.state.is_crashed() or attempt == CELL_ATTEMPTS:
+                break
+            # its machine or process died (a failed stage is Failed, not Crashed): any worker may take it again,
+            # and every stage it finished is found in the store or its mirror
+            get_run_logger().warning("cell run %s ended Crashed (%s); running the cell again (attempt %d of %d)",
+                                     run.name, run.state.message, attempt + 1, CELL_ATTEMPTS)
+            events.emit("cell_retry", c.name, detail=run.state.message or "crashed")
         if not run.state.is_completed():
             return None, f"cell run {run.name} ended {run.state.name}: {run.state.message or 'see it in the UI'}"
         refs, missing = stored_refs(store, c)  # pulled from the mirror if it ran elsewhere
@@ -94,11 +105,13 @@ def sweep(sweep_file: str, store: str = ".qsweep", cell_deployment: str | None =
     log = get_run_logger()
     config, digest = load_sweep(sweep_file)
     resolved = resolve_models(config)
-    artifacts = open_store(store)
+    artifacts = open_store(local_store(store))
     history = MetricStore(artifacts.metrics_db)
     cells = plan_cells(config, resolved, artifacts)
     run_id = flow_run.get_id() or "local"
     ensure_model_slots(config.concurrency.model_slots, reclaim=get_current_settings().api.url is None)
+    if cell_deployment:
+        ensure_zombie_rule()  # so that a cell whose machine died ends Crashed, and is run again below
     history.start_run(run_id, config.name, str(sweep_file), digest, socket.gethostname(), tool_versions(),
                       [{"model": c.model, "recipe": c.recipe, "stages": c.stages() + ["publish"]} for c in cells])
     for c in cells:  # what the console shows, and which stages the store already holds (they cost ~nothing)
