@@ -757,7 +757,7 @@ def build_parser() -> Parser:
     p.add_argument("--pool", default="qsweep", help="the work pool (default: qsweep; created if missing)")
     p.add_argument("--name", help="the worker's name (default: Prefect's)")
     p.add_argument("--limit", type=int, help="most flow runs at once (default: no limit)")
-    p.add_argument("--store", dest="worker_store", help="this machine's own store for the runs it takes, instead of the store each run names "
+    p.add_argument("--store", dest="worker_store", metavar="PATH", help="this machine's own store for the runs it takes, instead of the store each run names "
                    "(for machines that share artifacts through QSWEEP_MIRROR)")
     p.set_defaults(fn=cmd_worker, blas=True)
     return parser
