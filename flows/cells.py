@@ -49,8 +49,9 @@ def slug(*parts: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
 
 
-def resolve_models(config: Sweep) -> dict[str, dict]:
-    """Each model's source, resolved to what identifies its content (hub revision -> commit sha)."""
+def resolve_models(config: Sweep, what: str = "sweep file") -> dict[str, dict]:
+    """Each model's source, resolved to what identifies its content (hub revision -> commit sha). `what` names
+    the input in the message, as parse_sweep's does."""
     resolved, errors = {}, []
     for i, m in enumerate(config.models):
         try:
@@ -58,7 +59,7 @@ def resolve_models(config: Sweep) -> dict[str, dict]:
         except SourceError as e:
             errors.append(f"models[{i}].source: {e}")
     if errors:
-        raise SweepError("invalid sweep file:\n  " + "\n  ".join(errors))
+        raise SweepError(f"invalid {what}:\n  " + "\n  ".join(errors))
     return resolved
 
 

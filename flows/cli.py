@@ -75,7 +75,7 @@ def refuse_unrunnable(args) -> int | None:
     from storage.workspace import open_store
 
     try:
-        resolve_models(args.sweep)
+        resolve_models(args.sweep, "sweep file" if args.command == "run" else "source (as the sweep file's models[0])")
         resolve_benchmark(args.sweep)
         check_card(args.sweep, open_store(args.store, read_only=True))
     except SweepError as e:

@@ -3,6 +3,7 @@ filesystem, a model folder whose safetensors file was cut short (copied, or down
 a model folder without weights, an empty sweep file and one that is a YAML list. Each is one line
 that names what is wrong, and nothing is stored."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -134,16 +135,19 @@ def cut_short(tiny_model: Path, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("command", ["run", "quantize"])
-def test_a_truncated_local_model_is_refused_before_anything_is_stored(command, tiny_model, tmp_path, capsys):
+def test_a_truncated_local_model_fails_its_download_and_the_other_model_goes_on(tiny_model, tmp_path):
     model = cut_short(tiny_model, tmp_path / "model")
     whole, size = ((m / "model.safetensors").stat().st_size for m in (tiny_model, model))
-    argv = ["run", sweep_file(tmp_path, model)] if command == "run" else ["quantize", model, "--recipe", "q4"]
-    code, out, err = cli(capsys, "--store", tmp_path / "store", *argv)
-    assert (code, out) == (2, "")
-    assert (f"{model}/model.safetensors is truncated: its tensors need {whole:,} bytes, the file has {size:,}; "
-            "copy or download it again") in err, err
-    assert not (tmp_path / "store").exists()  # no download artifact, nor anything else
+    sweep = write_sweep(tmp_path / "sweep.yaml", {"tiny": tiny_model, "cut": model}, recipes=["q4"],
+                        fidelity={"enabled": False}, gates={"max_kl_mean": None, "max_ppl_ratio": None})
+    done = qsweep(tmp_path / "store", "run", sweep, prefect_home=tmp_path / "prefect")
+    said = done.stdout + done.stderr
+    assert done.returncode == 1, said[-3000:]
+    assert (f"model.safetensors is truncated: its tensors need {whole:,} bytes, the file has {size:,}; "
+            "copy or download it again") in said and "cut/q4: download FAILED" in said, said[-3000:]
+    assert "tiny/q4 measured" in said  # the other model's cell went on
+    stored = [json.loads(m.read_text()) for m in (tmp_path / "store" / "artifacts").glob("download/*/manifest.json")]
+    assert [s["info"]["files"]["model.safetensors"]["bytes"] for s in stored] == [whole]  # only the whole one
 
 
 def test_a_truncated_download_is_refused_by_the_download_stage_and_not_stored(tiny_model, tmp_path):

@@ -149,10 +149,10 @@ def test_a_failing_cell_and_a_hub_refusal_lose_nothing_and_publish_retries_alone
         assert refused.returncode != 0
         stages = {(m, s): status for m, _, s, status, _ in stages_of_last_run(store)}
         assert stages[("tiny", "benchmark")] == "done" and stages[("tiny", "publish")] == "failed"
-        assert stages[("broken", "quantize")] == "failed" and ("broken", "smoke") not in stages
+        assert stages[("broken", "download")] == "failed" and ("broken", "quantize") not in stages
         assert stages[("custom", "download")] == "done" and stages[("custom", "quantize")] == "failed"
         status = qsweep(store, "status", prefect_home=home)
-        assert "broken/q4 quantize failed" in status.stdout and "pending" in status.stdout
+        assert "broken/q4 download failed" in status.stdout and "too few for its header" in status.stdout
         assert "tiny/q4 publish failed" in status.stdout and "401" in status.stdout
         assert "custom/q4 quantize failed: RemoteCodeRefused: model 'custom' asks to run code" in status.stdout
         assert "modeling_custom.py" in status.stdout and "models[].trust_remote_code: true" in status.stdout
