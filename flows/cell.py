@@ -51,7 +51,9 @@ class Ledger:
     def rows(self, ref: ArtifactRef) -> dict:
         """An artifact's rows, all kept in the artifact itself: its manifest's info and samples.jsonl."""
         info, samples = self.store.manifest(ref)["info"], self.store.path(ref) / "samples.jsonl"
-        return {"metrics": info.get("metrics", []), "layers": info.get("plan", []), "gates": info.get("gates", []),
+        device = {"device": info["device"]} if "device" in info else {}  # where it ran, on each of its rows
+        return {"metrics": [{**m, **device} for m in info.get("metrics", [])], "layers": info.get("plan", []),
+                "gates": info.get("gates", []),
                 "samples": [json.loads(line) for line in samples.read_text().splitlines()] if samples.exists() else [],
                 "sensitivity": info.get("sensitivity", [])}
 

@@ -769,6 +769,11 @@ def main(argv=None) -> int:
         return refused
     if refused := refuse_unwritable(args):
         return refused
+    if getattr(args, "blas", False):  # a command that runs models: mlx must load (a CUDA build needs a driver)
+        from tasks.loading import unrunnable_mlx
+
+        if why := unrunnable_mlx():
+            return fail(why, 1)
     if argv is None and getattr(args, "blas", False):  # a real command line that runs models: a real BLAS first
         from flows.blas import reexec_with_blas  # (flows/blas.py); it asks mlx whether a GPU does the matmuls
 

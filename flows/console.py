@@ -138,6 +138,7 @@ def run_sweep(sweep_file: Path | str, store: Path | str, verbose: bool = False, 
     """Run the (already validated) sweep file on the store; 0 when every cell finished, else 1.
     `cell_deployment` sends the cells to that deployment's workers."""
     from flows.server import ServerDidNotStart
+    from tasks.loading import describe_device, gpu_build_without_gpu
 
     store = Path(store).resolve()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # its heartbeat's traceback, at start
@@ -148,8 +149,11 @@ def run_sweep(sweep_file: Path | str, store: Path | str, verbose: bool = False, 
     view = View(terminal, live, stage_history(store))
     stop = progress.listen(view)
     saved = _to_log(log_path) if not verbose else None
-    print(f"qsweep: running {sweep_file}; " + ("library output shown as it comes (-v)" if verbose else
+    where = f"on the workers of {cell_deployment}" if cell_deployment else f"on {describe_device()}"
+    print(f"qsweep: running {sweep_file} {where}; " + ("library output shown as it comes (-v)" if verbose else
           f"library output goes to {_short(log_path)} (-v shows it here)"), file=terminal, flush=True)
+    if not cell_deployment and (note := gpu_build_without_gpu()):
+        print(f"qsweep: {note}", file=terminal, flush=True)
     try:
         ok = _run(sweep_file, store, view, terminal, cell_deployment)
     except ServerDidNotStart as e:  # no run began: nothing to sum up, and no status table of an earlier run after it

@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS metrics (
 -- how a benchmark number was made: compare rows only where these agree
 ALTER TABLE metrics ADD COLUMN IF NOT EXISTS backend VARCHAR;   -- native | fp32
 ALTER TABLE metrics ADD COLUMN IF NOT EXISTS data VARCHAR;      -- data source and split (and sample)
-ALTER TABLE metrics ADD COLUMN IF NOT EXISTS device VARCHAR;    -- where speed was measured: cpu | gpu
+ALTER TABLE metrics ADD COLUMN IF NOT EXISTS device VARCHAR;    -- where it ran: cpu | gpu, name, mlx build
 -- Each quantized artifact's plan as stored: which module got which bits, and why.
 CREATE TABLE IF NOT EXISTS recipe_layers (
     model VARCHAR,

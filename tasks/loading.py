@@ -74,3 +74,61 @@ def context_length(model_dir: Path) -> int:
         if value:
             return int(value)
     return 2048
+
+
+# mlx's builds, by package: each ships mlx's library for one kind of device (a venv holds one).
+BUILDS = {"mlx-metal": "Metal", "mlx-cuda-12": "CUDA 12", "mlx-cuda-13": "CUDA 13", "mlx-cpu": "CPU"}
+
+
+def mlx_builds() -> list[str]:
+    """The mlx builds installed, read from package metadata (mlx is not imported: a CUDA build fails to import
+    where there is no NVIDIA driver)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in BUILDS:
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def unrunnable_mlx() -> str | None:
+    """Why mlx cannot run models here, as one line that says what to install; None when it can."""
+    import sys
+
+    builds = mlx_builds()
+    if sys.platform == "linux" and not builds:
+        return ("mlx has no build installed: pip install -e '.[cpu]' (what `make setup` does), or '.[cuda]' on a "
+                "machine with an NVIDIA GPU (`make setup-cuda`)")
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError as e:
+        return (f"mlx ({', '.join(builds) or 'no build'}) cannot load here: {e}. "
+                + ("mlx's CUDA build needs an NVIDIA driver; without a GPU install the CPU build: "
+                   "`make -B setup MLX=cpu`, or pip install -e '.[cpu]'" if "cuda" in str(e).lower() or
+                   any("cuda" in b for b in builds) else "reinstall: `make -B setup`"))
+    return None
+
+
+def describe_device() -> str:
+    """Where mlx runs models in this process, for manifests and metric rows: "gpu: NVIDIA H200 (mlx-cuda-12 0.32.4)",
+    "cpu: AMD EPYC (mlx-cpu 0.32.4)"."""
+    import mlx.core as mx
+
+    info = mx.device_info(mx.default_device())
+    name = info.get("device_name") or info.get("architecture") or "unknown"
+    builds = mlx_builds()
+    return f"{mx.default_device().type.name}: {name}" + (f" ({', '.join(builds)})" if builds else "")
+
+
+def gpu_build_without_gpu() -> str | None:
+    """A line for the console when a GPU build of mlx runs on the CPU (it found no GPU); None otherwise."""
+    import mlx.core as mx
+
+    builds = [b for b in mlx_builds() if not b.startswith("mlx-cpu")]
+    if not builds or mx.default_device() == mx.gpu:
+        return None
+    return (f"mlx's GPU build ({', '.join(builds)}) finds no GPU here: models run on the CPU, with mlx's own BLAS "
+            "(slow; `make -B setup MLX=cpu` installs the CPU build with OpenBLAS)")

@@ -51,7 +51,12 @@ class Stage:
 
         def job(out: Path) -> dict:
             scratch.parent.mkdir(parents=True, exist_ok=True)
-            return build(Job(out, params, [store.path(i) for i in inputs], scratch, extra or {}))
+            info = build(Job(out, params, [store.path(i) for i in inputs], scratch, extra or {})) or {}
+            if self.loads_model:  # where the model ran: speed and memory (and the last bits of numbers) depend on it
+                from tasks.loading import describe_device
+
+                info.setdefault("device", describe_device())
+            return info
 
         ref = store.produce(self.name, self.code_version, params, inputs, job)
         shutil.rmtree(scratch, ignore_errors=True) if scratch.is_dir() else scratch.unlink(missing_ok=True)

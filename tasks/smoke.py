@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.loading import load_as
+from tasks.loading import describe_device, load_as
 
 CODE_VERSION = "2"  # 2: verdicts on the tokens before EOS; loops of any period; word salad against the base
 LOOP_PERIODS, LOOP_TOKENS = 3, 12  # a loop repeats at least this many times, over at least this many tokens
@@ -136,12 +136,6 @@ def _mean(values: list[float]) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
-def device_name() -> str:
-    import mlx.core as mx
-
-    return mx.default_device().type.name  # "cpu" or "gpu"
-
-
 def smoke(model_dir: Path, params: dict, out: Path, base_dir: Path | None = None) -> dict:
     """params: SmokeSpec's fields (tasks/specs.py), the backend resolved to native or fp32; all given."""
     import mlx.core as mx
@@ -163,7 +157,7 @@ def smoke(model_dir: Path, params: dict, out: Path, base_dir: Path | None = None
     }, indent=2))
 
     # how the answer was made: these kernels on this device (speed and memory mean nothing without it)
-    how = {"backend": params["backend"], "device": device_name()}
+    how = {"backend": params["backend"], "device": describe_device()}  # "cpu: AMD EPYC (mlx-cpu 0.32.4)"
     rows = [
         {"task": "smoke", "metric": "generation_tokens_per_s", "value": round(last.generation_tps, 2) if last else 0.0},
         {"task": "smoke", "metric": "prompt_tokens_per_s", "value": round(last.prompt_tps, 2) if last else 0.0},

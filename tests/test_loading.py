@@ -62,3 +62,39 @@ def test_context_length_from_the_config(tiny_model, tmp_path):
     assert context_length(other) == 77
     (other / "config.json").write_text(json.dumps(config))
     assert context_length(other) == 2048
+
+
+def test_the_device_is_described_with_its_mlx_build():
+    from importlib.metadata import version
+
+    from tasks.loading import describe_device, gpu_build_without_gpu, mlx_builds, unrunnable_mlx
+
+    kind = mx.default_device().type.name
+    described = describe_device()
+    assert described.startswith(f"{kind}: ") and mx.device_info(mx.default_device())["device_name"] in described
+    assert mlx_builds() and all(b.split()[1] == version("mlx") for b in mlx_builds())  # the build matches mlx
+    assert unrunnable_mlx() is None
+    if sys.platform == "linux" and kind == "cpu":
+        assert mlx_builds() == [f"mlx-cpu {version('mlx')}"] and gpu_build_without_gpu() is None
+
+
+def test_the_cuda_extra_asks_for_mlx_cuda_build_of_the_same_mlx():
+    """What `pip install -e '.[cuda]'` resolves to, read from the installed metadata (the CUDA build itself,
+    4 GB with NVIDIA's libraries, installs on a machine without a GPU but cannot load there)."""
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+
+    ours = [Requirement(r) for r in requires("qsweep")]
+    linux = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
+
+    def wanted(reqs, extra):
+        return {(r.name, frozenset(r.extras), str(r.specifier)) for r in reqs
+                if r.marker is None or r.marker.evaluate({**linux, "extra": extra})}
+
+    base = {name for name, *_ in wanted(ours, "")}
+    assert "mlx" in base and not base & {"mlx-cpu", "mlx-cuda-12", "cmeel-openblas"}  # no build in the base
+    assert ("mlx", frozenset({"cuda12"}), ">=0.32") in wanted(ours, "cuda")
+    assert ("mlx", frozenset({"cpu"}), ">=0.32") in wanted(ours, "cpu")
+    mlx_needs = [Requirement(r) for r in requires("mlx")]
+    assert ("mlx-cuda-12", frozenset(), f"=={version('mlx')}") in wanted(mlx_needs, "cuda12")

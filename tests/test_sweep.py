@@ -47,6 +47,20 @@ def test_first_run_computes_every_cell_and_records_metrics(finished):
     assert (store / "published" / "tiny-q4-mlx" / "README.md").exists()
 
 
+def test_every_metric_row_and_model_stage_says_where_it_ran(finished):
+    from tasks.loading import describe_device
+    from tasks.registry import STAGES
+
+    loads_model = [s.name for s in STAGES.values() if s.loads_model]
+    store, _, first, *_ = finished
+    here = describe_device()  # e.g. "cpu: AMD EPYC (mlx-cpu 0.32.4)"
+    assert first.stdout.startswith(f"qsweep: running {finished[1]} on {here};")
+    stages = ", ".join(f"'{s}'" for s in loads_model)
+    assert {d for (d,) in rows(store, f"SELECT DISTINCT device FROM metrics WHERE stage IN ({stages})")} == {here}
+    manifests = [json.loads(m.read_text()) for m in store.glob("artifacts/*/*/manifest.json")]
+    assert {m["info"].get("device") for m in manifests if m["stage"] in loads_model} == {here}
+
+
 def test_cells_run_at_once_but_never_hold_more_models_than_slots(finished):
     store = finished[0]
     loads = [(m["started"], m["started"] + m["seconds"]) for stage in ("quantize", "smoke", "benchmark", "reference",
