@@ -76,9 +76,9 @@ class _Child(subprocess.Popen):
         if code is not None and not getattr(self, "counted", False):
             self.counted, _Child.exits = True, _Child.exits + 1
         if code not in (None, 3) or _Child.exits > START_TRIES:
-            raise ServerDidNotStart(f"Prefect's temporary server exited with code {code} while starting (started {_Child.exits} "
-                               "times); its output is in the run's log. Check PREFECT_* database settings, or run a "
-                               "server and set PREFECT_API_URL (README: Running it as a service)")
+            raise ServerDidNotStart(f"Prefect's temporary server exited with code {code} while starting (started "
+                                    f"{_Child.exits} times); its output is in the run's log. Check PREFECT_* database "
+                                    "settings, or run a server and set PREFECT_API_URL (README: Running it as a service)")
         return code
 
 

@@ -132,7 +132,7 @@ ZOMBIE_RULE = "qsweep: crash flow runs without heartbeats"
 
 
 def ensure_zombie_rule() -> None:
-    """The server's automation that marks a flow run Crashed when its heartbeats stop for QSWEEP_ZOMBIE_SECONDS
+    """The server's automation that marks a cell's flow run Crashed when its heartbeats stop for QSWEEP_ZOMBIE_SECONDS
     (Prefect's "detect zombie flows" recipe): a cell whose machine died is then run again by its sweep.
     Heartbeats come every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (`qsweep worker` sets 30, Prefect's
     least); the window should hold about three."""
@@ -148,7 +148,9 @@ def ensure_zombie_rule() -> None:
         after={"prefect.flow-run.heartbeat"},
         expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
                 "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
-        match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+        # cell runs only (named "cell:<model>/<recipe>"): the ones a sweep runs again; other flows on the server
+        # may send heartbeats every 180 s (Prefect's default), and must not be crashed by this rule
+        match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"], "prefect.resource.name": ["cell:*"]}),
         for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
         within=timedelta(seconds=settings().zombie_seconds)),
         actions=[ChangeFlowRunState(state=StateType.CRASHED, message="no heartbeat for "
