@@ -173,9 +173,14 @@ def _run(sweep_file, store: Path, view: View, terminal, cell_deployment: str | N
     from flows.sweep import sweep
 
     start_temporary_server()  # from this thread, so that it dies with the process (flows/server.py)
+
+    def run() -> bool:
+        return sweep(sweep_file=str(sweep_file), store=str(store), cell_deployment=cell_deployment,
+                     return_state=True).is_completed()
+
     if not view.live:
         with _without_heartbeats_when_temporary():
-            return sweep(sweep_file=str(sweep_file), store=str(store), cell_deployment=cell_deployment, return_state=True).is_completed()
+            return run()
     from rich.console import Console
     from rich.live import Live
 
@@ -189,7 +194,7 @@ def _run(sweep_file, store: Path, view: View, terminal, cell_deployment: str | N
         painter = threading.Thread(target=refresh, daemon=True)
         painter.start()
         try:
-            return sweep(sweep_file=str(sweep_file), store=str(store), cell_deployment=cell_deployment, return_state=True).is_completed()
+            return run()
         finally:
             done.set()
             shown.update(view.table())

@@ -77,7 +77,7 @@ def context_length(model_dir: Path) -> int:
 
 
 # mlx's builds, by package: each ships mlx's library for one kind of device (a venv holds one).
-BUILDS = {"mlx-metal": "Metal", "mlx-cuda-12": "CUDA 12", "mlx-cuda-13": "CUDA 13", "mlx-cpu": "CPU"}
+BUILDS = ("mlx-metal", "mlx-cuda-12", "mlx-cuda-13", "mlx-cpu")
 
 
 def mlx_builds() -> list[str]:
