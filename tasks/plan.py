@@ -200,8 +200,16 @@ def model_modules(model: str | Path):
     modules = [(path, m.weight.shape[0], m.weight.shape[-1], m) for path, m in model.named_modules()
                if hasattr(m, "to_quantized") and hasattr(m, "weight")]
     modules.sort(key=lambda x: (x[0] != "model.embed_tokens", layer_index(x[0]) or 0, x[0]))
+    if _config_ties(config) and any(m[0] == "lm_head" for m in modules):
+        # e.g. gemma3_text builds an lm_head and drops it at load when the weights have none (its sanitize),
+        # as a tied model's weights never do: the plan is the loaded model's
+        modules = [m for m in modules if m[0] != "lm_head"]
     facts = {"dtype": convert_dtype(config), "tied": _tied_embedding(config, model, [m[0] for m in modules])}
     return modules, len(model.layers), getattr(model, "quant_predicate", None), facts
+
+
+def _config_ties(config: dict) -> bool:
+    return bool(config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings")))
 
 
 def _tied_embedding(config: dict, model, paths: list[str]) -> str | None:

@@ -287,3 +287,18 @@ def test_recipes_show_prints_the_tied_note(tied_model, capsys):
     captured = capsys.readouterr()
     assert "note: lm_head is tied to model.embed_tokens" in captured.out
     assert "warning" not in captured.err
+
+
+def test_gemma3_plan_ties_its_head_to_the_embedding_as_loading_does():
+    """gemma3_text builds an lm_head and drops it at load when the weights have none; the plan from the
+    config alone must be the loaded model's: the embedding takes the head's bits, and the plan says so."""
+    from tasks.plan import plan_for
+
+    plan = plan_for(BUILTINS["qx86-hi"], "demo://gemma3-270m")  # the GGUF's header only
+    paths = {p.path for p in plan.layers}
+    assert "lm_head" not in paths and "model.embed_tokens" in paths
+    assert not any(p.endswith(("q_norm", "k_norm")) for p in paths)  # norms stay in float
+    embedding = next(p for p in plan.layers if p.path == "model.embed_tokens")
+    assert embedding.quant["bits"] == 8 and plan.warnings() == []
+    [note] = plan.notes()
+    assert note.startswith("lm_head is tied to model.embed_tokens") and "rules[1]" in note
