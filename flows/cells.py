@@ -135,6 +135,15 @@ def check_card(config: Sweep, store: Store) -> None:
         raise SweepError("invalid sweep file:\n  " + "\n  ".join(errors))
 
 
+def compare_with(config: Sweep, model: str, recipe: str) -> list[dict]:
+    """The other models' cells a card shows beside its own: the author's, then the same recipe's of every other
+    model of the sweep (card.compare_matching); the card keeps those measured on the same questions."""
+    cells = [c.model_dump() for c in config.card.compare_with if c.model != model]
+    if config.card.compare_matching:
+        cells += [{"model": m.name, "recipe": recipe} for m in config.models if m.name != model]
+    return list({(c["model"], c["recipe"]): c for c in cells}.values())
+
+
 def plan_cells(config: Sweep, resolved: dict, store: Store) -> list[Cell]:
     """Every (model, recipe) cell with the parameters of each of its stages."""
     from tasks.loading import resolve_backend
@@ -159,7 +168,7 @@ def plan_cells(config: Sweep, resolved: dict, store: Store) -> list[Cell]:
                 "source": key_params(resolved[m.name]), "repo_id": repo,
                 "private": config.publish.private, "license": config.publish.license,
                 "gates": config.gates.limits(), "notes": config.notes_for(m.name, recipe_name),
-                "compare_with": [c.model_dump() for c in config.card.compare_with if c.model != m.name],
+                "compare_with": compare_with(config, m.name, recipe_name),
             }
             params = {"download": key_params(resolved[m.name]), "sensitivity": measured_on, "quantize": recipe,
                       "smoke": smoke, "benchmark": benchmark, "reference": fidelity, "fidelity": fidelity,

@@ -62,6 +62,7 @@ class CardSpec(Strict):
     """The author's part of every card: notes placed in it, other models' cells shown beside it."""
     notes: dict[str, str] = {}  # a model, recipe or model/recipe -> a Markdown file (relative to the sweep file)
     compare_with: list[CellRef] = []  # cells of other models in the store, measured on the same questions
+    compare_matching: bool = True  # and, in a sweep of several models, the other models' cells of the same recipe
 
 
 class ConcurrencySpec(Strict):

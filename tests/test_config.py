@@ -208,3 +208,17 @@ def test_card_notes_are_files_next_to_the_sweep_file(tmp_path):
     message = error({**GOOD, "card": {"notes": {"q9": "x.md"}}})
     assert "card.notes: 'q9' is not a model, recipe or model/recipe cell of this sweep; allowed: tiny, q4" in message
     assert "card.compare_with[0].recipe: Field required" in error({**GOOD, "card": {"compare_with": [{"model": "x"}]}})
+
+
+def test_each_card_is_shown_beside_the_other_models_matching_recipe():
+    from flows.cells import compare_with
+
+    two = {**GOOD, "models": GOOD["models"] + [{"name": "other", "source": "demo://tiny-llama"}]}
+    sweep = parse_sweep({**two, "card": {"compare_with": [{"model": "old", "recipe": "q8"}, {"model": "other", "recipe": "q4"}]}})
+    assert compare_with(sweep, "tiny", "q4") == [{"model": "old", "recipe": "q8"}, {"model": "other", "recipe": "q4"}]
+    assert compare_with(sweep, "tiny", "qx86-hi") == [{"model": "old", "recipe": "q8"}, {"model": "other", "recipe": "q4"},
+                                                      {"model": "other", "recipe": "qx86-hi"}]
+    assert compare_with(sweep, "other", "q4") == [{"model": "old", "recipe": "q8"}, {"model": "tiny", "recipe": "q4"}]
+    assert compare_with(parse_sweep(GOOD), "tiny", "q4") == []  # one model: nothing to match
+    alone = parse_sweep({**two, "card": {"compare_matching": False}})
+    assert compare_with(alone, "tiny", "q4") == []
