@@ -29,19 +29,28 @@ def model_classes(config: dict):
     return _get_classes(config)
 
 
-def plain_kv_caches(model) -> bool:
-    """Whether every layer's prompt cache is a plain KVCache (no sliding window, no rotating or
-    quantized cache): mlx_lm.models.cache.make_prompt_cache and the KVCache type, as in mlx-lm 0.32.2."""
-    from mlx_lm.models.cache import KVCache, make_prompt_cache
+def packable_length(model) -> float:
+    """The longest packed row whose attention is the plain causal one for every layer: unbounded when each
+    layer's prompt cache is a plain KVCache; a sliding-window model's window when the others are
+    RotatingKVCache (mlx-lm gives gemma3's local layers one of max_size sliding_window): no token of a row
+    that short is out of any window; 0 for anything else (a quantized or state cache), which is never packed.
+    mlx_lm.models.cache.make_prompt_cache, KVCache and RotatingKVCache.max_size, as in mlx-lm 0.32.2."""
+    from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
-    return all(type(c) is KVCache for c in make_prompt_cache(model))
+    longest = float("inf")
+    for c in make_prompt_cache(model):
+        if type(c) is RotatingKVCache:
+            longest = min(longest, c.max_size)
+        elif type(c) is not KVCache:
+            return 0
+    return longest
 
 
 class PackedRowsCache:
     """Stands in for a layer's KV cache in a packed pass: keeps nothing, gives the mask and positions.
 
-    mlx-lm's attention (models/llama.py and kin, 0.32.2) calls, per layer, cache.make_mask(...)
-    through models/base.create_attention_mask for the mask, self.rope(x, offset=cache.offset),
+    mlx-lm's attention (models/llama.py and kin, gemma3_text, 0.32.2) calls, per layer, cache.make_mask(...)
+    through models/base.create_attention_mask for the mask (window_size ignored: see packable_length), self.rope(x, offset=cache.offset),
     and cache.update_and_fetch(keys, values). Here the mask is given whole and the offset is
     a (batch, length) array of per-token positions, which only PositionedRoPE understands.
     """

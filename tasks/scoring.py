@@ -54,11 +54,12 @@ class Scorer:
         if self.packing:
             packed = []
             for ctx, idx in list(by_context.items()):
-                conts = [requests[i][1] for i in idx]
-                if len(idx) > 1 and len(ctx) + max(map(len, conts)) <= self.max_length + 1:
-                    packed.append((list(ctx), list(zip(idx, conts))))
+                group = (list(ctx), [(i, requests[i][1]) for i in idx])
+                if (len(idx) > 1 and len(ctx) + max(len(c) for _, c in group[1]) <= self.max_length + 1
+                        and _packed_length(group) <= self.packable):
+                    packed.append(group)
                     del by_context[ctx]
-            rows = _fill_rows(packed)
+            rows = _fill_rows(packed, self.packable)
             per_batch = max(1, min(4 * self.batch_size, TOKENS_PER_BATCH // max(map(_row_length, rows), default=1)))
             for start in range(0, len(rows), per_batch):
                 self._score_rows(rows[start:start + per_batch], results)
@@ -104,15 +105,20 @@ class Scorer:
         return trunk_and_head(self.model, self.prefix_token)
 
     @functools.cached_property
+    def packable(self) -> float:
+        """The longest packed row: unbounded, or a sliding-window model's window (compat.packable_length)."""
+        return compat.packable_length(self.model)
+
+    @functools.cached_property
     def packing(self) -> bool:
         """Whether packed rows score as the model would alone: checked on a probe, with RoPE made position-aware.
 
-        Needs plain KV caches (no sliding window) and attention modules with a `rope`
-        that takes an offset, as mlx-lm's llama-family models have; else rows are not packed.
+        Needs plain KV caches, or a sliding window no row reaches past, and attention modules with a `rope`
+        that takes an offset, as mlx-lm's llama-family and gemma3 models have; else rows are not packed.
         """
-        if not compat.plain_kv_caches(self.model) or not compat.positioned_rope(self.model):
-            return False
         ctx, conts = [self.prefix_token, 3, 4, 5, 6], [[7, 8], [9], [10, 11, 12]]
+        if self.packable < _packed_length((ctx, list(enumerate(conts)))) or not compat.positioned_rope(self.model):
+            return False
         got = [0.0] * len(conts)
         owner, logprobs, _ = self._packed_graph([[(ctx, list(enumerate(conts)))]])
         for b, lp in zip(owner, np.array(logprobs).tolist()):
@@ -218,13 +224,14 @@ def _split(rows: list, n: int) -> list[list]:
     return [p for p in parts if p]
 
 
-def _fill_rows(groups: list) -> list[list]:
-    """First-fit decreasing: questions into rows of ROW_TOKENS (or the longest question), longest rows first.
+def _fill_rows(groups: list, longest: float = float("inf")) -> list[list]:
+    """First-fit decreasing: questions into rows of ROW_TOKENS (or the longest question), longest rows first;
+    no row longer than `longest` (a sliding window), which no question is.
 
     Only the last few rows are tried, so that a task of many thousand questions packs in linear time.
     """
     groups = sorted(groups, key=_packed_length, reverse=True)
-    width = max([ROW_TOKENS] + [_packed_length(g) for g in groups[:1]])
+    width = max([min(ROW_TOKENS, longest)] + [_packed_length(g) for g in groups[:1]])
     rows, room = [], []
     for g in groups:
         n = _packed_length(g)

@@ -23,8 +23,8 @@ def test_model_classes_are_the_ones_mlx_lm_loads(tiny_model, model):
     assert type(model) is model_class and args_class.__name__ == "ModelArgs"
 
 
-def test_a_llama_has_plain_kv_caches(model):
-    assert compat.plain_kv_caches(model)
+def test_a_llama_packs_rows_of_any_length(model):
+    assert compat.packable_length(model) == float("inf")
 
 
 def test_packed_rows_cache_and_positioned_rope_drive_mlx_lm_attention(model):

@@ -77,3 +77,26 @@ def test_a_continuation_longer_than_the_context_window_is_refused(loaded):
     _, _, requests = loaded
     with pytest.raises(ValueError, match="exceeds max_length 4"):
         scorer(loaded, max_length=4).score([(requests[0][0], list(range(10)))])
+
+
+def test_a_sliding_window_model_packs_rows_shorter_than_its_window():
+    """gemma3: local layers attend within a sliding window. Questions that fit in it are packed, the others run
+    alone, and every answer scores as in its own forward pass (mlx-lm's sliding-window mask)."""
+    from tasks import compat
+
+    model_class, args_class = compat.model_classes({"model_type": "gemma3_text"})
+    mx.random.seed(0)
+    model = model_class(args_class(model_type="gemma3_text", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+                                   num_attention_heads=2, head_dim=32, vocab_size=300, query_pre_attn_scalar=32,
+                                   sliding_window=24, sliding_window_pattern=2, max_position_embeddings=256))
+    model.set_dtype(mx.float32)
+    assert compat.packable_length(model) == 24
+    short = [([2, 10, 11, 12], [[20, 21], [22], [23, 24, 25]]), ([2, 30, 31], [[40], [41, 42]])]
+    long = [([2] + list(range(50, 80)), [[90, 91], [92]])]  # 31 tokens of context: past the window
+    requests = [(ctx, cont) for ctx, conts in short + long for cont in conts]
+    s = Scorer(model, prefix_token=2)
+    assert s.packing
+    for (ctx, cont), (logprob, greedy) in zip(requests, s.score(requests)):
+        want_logprob, want_greedy = naive_tokens(model, ctx, cont)
+        assert logprob == pytest.approx(want_logprob, abs=1e-4), (ctx, cont)
+        assert greedy == want_greedy, (ctx, cont)
