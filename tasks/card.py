@@ -168,7 +168,8 @@ def gather(store: Store, params: dict, refs: dict[str, ArtifactRef]) -> CardFact
         tools=quantize.get("tools", {}), evaluation=evaluation, tasks=tasks, table=table,
         diffs=_diffs(store, model, recipe, own_samples, table), fidelity=fidelity, runtime=runtime,
         smoke={"prompt": smoke.get("prompt"), "answer": smoke.get("text", ""), "verdict": smoke.get("verdict"),
-               **{k: smoke[k] for k in ("answer_nll", "base_answer_nll", "language_margin") if smoke.get(k) is not None}},
+               **{k: smoke[k] for k in ("answer_nll", "base_answer_nll", "language_margin", "base_text")
+                  if smoke.get(k) is not None}},
         gates=quality.check(params.get("gates") or {}, smoke.get("verdict"), {m: r["value"] for (_, m), r in fm.items()}),
         notes=list(params.get("notes") or []),
         others=[_other(store, c, own_samples, same_way) for c in params.get("compare_with") or []],
@@ -415,6 +416,9 @@ def render(f: CardFacts) -> str:
     answer = " ".join(f.smoke["answer"].split())
     lines += ["## Smoke test", "", f"Prompt: {f.smoke['prompt']}", "",
               f"Answer ({f.smoke['verdict']}, greedy): {answer[:400]}", ""]
+    if f.smoke["verdict"] == "repetitive_as_base":
+        lines += ["It loops, and so does the base model's own greedy answer to the same prompt, so the loop is the "
+                  f"model's, not the quantization's: {' '.join(f.smoke.get('base_text', '').split())[:400]}", ""]
     if "answer_nll" in f.smoke and "language_margin" in f.smoke:
         lines += [f"The base model finds this answer {f.smoke['answer_nll']:.2f} nats per token unlikely, and its "
                   f"own answer {f.smoke['base_answer_nll']:.2f} (more than {f.smoke['language_margin']:g} above is "

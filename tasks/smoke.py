@@ -11,13 +11,21 @@ Verdicts, first match wins; only the tokens before EOS count:
   a loop cannot be told from a phrase that recurs ("Paris. Paris. Paris."). The
   stretch need not reach the end: a model that loops until the last few tokens
   ("Ash and Ash: Ash and Ash: ... Ash:") looped. Also one token making up more
-  than half of an answer of 16 tokens or more;
+  than half of an answer of 16 tokens or more. Unless the base's own greedy answer
+  loops too: see `repetitive_as_base`;
 - `not_language`: word salad. The base model (fp32, the same chat-templated prompt)
   scores the answer: its mean negative log-likelihood per token, in nats
   (`answer_nll`), against the same for the base's own greedy answer
   (`base_answer_nll`). The answer fails when it exceeds the base's by more than
   6 nats per token (each token ~400x less likely than the base's own), judged on
   answers of 4 tokens or more;
+- `repetitive_as_base`: the answer loops, and so does the base's own greedy answer to
+  the same prompt (the base in fp32), and it passes the word-salad check. A pretrained
+  (not instruction-tuned) model under greedy decoding often loops: gemma-3-270m answers
+  the demo's prompt "The sky is blue because the sun is the only source of light." and
+  then "The sun is the only source of light." three times more. That says nothing about
+  the quantization, which is what the smoke test asks about; the gate passes it, and
+  the card says it loops, as its base does;
 - `ok`.
 Measured on SmolLM2-135M-Instruct (the demo base; 15 recipes, 4 prompts, plus
 hand-written answers): the base's own answers score 0.15-0.62 nats. Word salad from
@@ -51,7 +59,9 @@ import numpy as np
 
 from tasks.loading import describe_device, load_as
 
-CODE_VERSION = "2"  # 2: verdicts on the tokens before EOS; loops of any period; word salad against the base
+# 2: verdicts on the tokens before EOS; loops of any period; word salad against the base. 3: repetitive_as_base
+CODE_VERSION = "3"
+PASSING = ("ok", "repetitive_as_base")  # the verdicts the smoke gate lets out
 LOOP_PERIODS, LOOP_TOKENS = 3, 12  # a loop repeats at least this many times, over at least this many tokens
 DOMINANT_TOKENS = 16               # answers this long fail when one token is more than half of them
 LANGUAGE_MARGIN = 6.0              # nats per token over the base's own answer: word salad (see above)
@@ -70,21 +80,26 @@ def loop(tokens: list[int]) -> tuple[int, int] | None:
     return best
 
 
+def repeats(tokens: list[int]) -> bool:
+    """A loop, or one token making up more than half of a long answer."""
+    return loop(tokens) is not None or (
+        len(tokens) >= DOMINANT_TOKENS and Counter(tokens).most_common(1)[0][1] > len(tokens) / 2)
+
+
 def verdict(tokens: list[int], text: str, stopped: bool = False, nll: float | None = None,
-            base_nll: float | None = None) -> str:
-    """Judge an answer: its tokens before EOS, its text, whether EOS came first, and its mean NLL
-    per token under the base next to the base's own answer's (None: not checked)."""
+            base_nll: float | None = None, base_tokens: list[int] | None = None) -> str:
+    """Judge an answer: its tokens before EOS, its text, whether EOS came first, its mean NLL per token
+    under the base next to the base's own answer's, and the base's own answer (None: not checked)."""
     if stopped and not tokens:
         return "stopped"
     if not text.strip():
         return "empty"
-    if loop(tokens) is not None:
-        return "repetitive"
-    if len(tokens) >= DOMINANT_TOKENS and Counter(tokens).most_common(1)[0][1] > len(tokens) / 2:
+    looped = repeats(tokens)
+    if looped and not (base_tokens and repeats(base_tokens)):
         return "repetitive"
     if len(tokens) >= LANGUAGE_TOKENS and nll is not None and base_nll is not None and nll > base_nll + LANGUAGE_MARGIN:
         return "not_language"
-    return "ok"
+    return "repetitive_as_base" if looped else "ok"
 
 
 def chat_prompt(tokenizer, prompt: str) -> tuple[list[int], bool]:
@@ -149,8 +164,8 @@ def smoke(model_dir: Path, params: dict, out: Path, base_dir: Path | None = None
     mx.clear_cache()
 
     language = base_judgement(base_dir, params["prompt"], tokens, params["max_tokens"]) if base_dir else {}
-    judged = verdict(tokens, text, stopped=eos,
-                     nll=language.get("answer_nll"), base_nll=language.get("base_answer_nll"))
+    judged = verdict(tokens, text, stopped=eos, nll=language.get("answer_nll"),
+                     base_nll=language.get("base_answer_nll"), base_tokens=language.get("base_tokens"))
     (out / "smoke.json").write_text(json.dumps({
         "prompt": params["prompt"], "chat_template": chat, "text": text, "tokens": tokens, "eos": eos,
         "verdict": judged, "language_checked": base_dir is not None, "language_margin": LANGUAGE_MARGIN, **language,
@@ -163,7 +178,7 @@ def smoke(model_dir: Path, params: dict, out: Path, base_dir: Path | None = None
         {"task": "smoke", "metric": "prompt_tokens_per_s", "value": round(last.prompt_tps, 2) if last else 0.0},
         {"task": "smoke", "metric": "peak_memory_gb", "value": round(peak / 1e9, 4)},
         {"task": "smoke", "metric": "generated_tokens", "value": len(tokens)},
-        {"task": "smoke", "metric": "degenerate", "value": 0.0 if judged == "ok" else 1.0},
+        {"task": "smoke", "metric": "degenerate", "value": 0.0 if judged in PASSING else 1.0},
     ]
     rows = [{**row, **how} for row in rows]
     for metric, n in (("answer_nll", len(tokens)), ("base_answer_nll", len(language.get("base_tokens", [])))):

@@ -260,3 +260,21 @@ def test_smoke_without_a_chat_template_uses_the_plain_prompt(tiny_model, tmp_pat
     assert not {"answer_nll", "base_answer_nll"} & {r["metric"] for r in info["metrics"]}
     model, tokenizer = load(str(model_dir))
     assert info["text"] == generate(model, tokenizer, tokenizer.encode(SmokeSpec().prompt), max_tokens=12)
+
+
+def test_a_loop_the_base_has_too_is_the_models_not_the_quantizations(scorer):
+    """gemma-3-270m (pretrained, not instruct) answers the demo prompt greedily with a loop; its variants are
+    judged against that: a loop passes the gate as `repetitive_as_base`, word salad still fails."""
+    from tasks.gates import check
+
+    tok = scorer.tokenizer
+    base = tok.encode("\n\nThe sky is blue because the sun is the only source of light." + "\n\nThe sun is the only "
+                      "source of light." * 3, add_special_tokens=False)
+    mine = tok.encode("\n\nA. The moon reflects sunlight." * 5, add_special_tokens=False)
+    assert verdict(mine, tok.decode(mine)) == "repetitive"  # no base to compare with
+    assert verdict(mine, tok.decode(mine), nll=0.7, base_nll=0.5, base_tokens=base) == "repetitive_as_base"
+    assert verdict(mine, tok.decode(mine), nll=7.0, base_nll=0.5, base_tokens=base) == "not_language"
+    fine = tok.encode("The sky is blue because air scatters blue light more than red.", add_special_tokens=False)
+    assert verdict(mine, tok.decode(mine), base_tokens=fine) == "repetitive"  # the base does not loop
+    assert [g["passed"] for g in check({}, "repetitive_as_base", {"kl_mean": 0.01, "ppl_ratio": 1.0})] == [True] * 3
+    assert not check({}, "repetitive", {"kl_mean": 0.01, "ppl_ratio": 1.0})[0]["passed"]
