@@ -23,8 +23,9 @@ import numpy as np
 
 from tasks import compat
 
-CODE_VERSION = "7"  # 5: per-question samples.jsonl; 6: scored in checkpointed chunks (resume);
-# 7: `limit` evaluates a seeded random sample of each task's documents, not the first ones
+CODE_VERSION = "8"  # 5: per-question samples.jsonl; 6: scored in checkpointed chunks (resume);
+# 7: `limit` evaluates a seeded random sample of each task's documents, not the first ones;
+# 8: log-probs normalized in numpy (cpu.logsumexp_now: closer to float64); sliding-window models packed
 LOCAL_TASKS = Path(__file__).parent / "data" / "lm_eval"
 
 # Mean metrics (acc, acc_norm) get a closed-form stderr; this only drives the

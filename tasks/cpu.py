@@ -10,7 +10,11 @@ BLAS) use more than one core. Three things close most of that gap:
   (mlx's SIMD type is one lane wide on x86). The same Cephes polynomial that mlx
   uses, written as array ops and fused by `mx.compile`, runs about twice as fast
   and agrees with mlx to float rounding (checked on a probe before it is used).
-  `logsumexp` uses the same exp, after the same kind of probe.
+  `logsumexp` uses the same exp, after the same kind of probe, inside a lazy graph.
+- `logsumexp_now`: where the logits are evaluated anyway (the benchmark's scored positions,
+  the fidelity windows), numpy's SIMD exp over row chunks on a thread per core. Over a
+  262,144-token vocabulary (gemma3), 384 rows: 0.06 s against mlx's 1.5 s, and within
+  1e-6 nats of float64 where mlx's float32 reduction is off by up to 3e-4.
 
 The polynomial is mlx's internal, so it lives in tasks/compat.py with the version it was read in.
 """
@@ -20,9 +24,11 @@ import ctypes
 import functools
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from tasks.compat import EXP_POLYNOMIAL
 
@@ -98,6 +104,39 @@ def logsumexp(x: mx.array) -> mx.array:
     if mx.default_device() != mx.cpu or x.dtype != mx.float32 or not _fast_logsumexp_agrees():
         return mx.logsumexp(x, axis=-1)
     return _fast_logsumexp(x)
+
+
+LSE_ROWS = 8  # rows per numpy chunk: a 262,144-token row is 1 MB, so a chunk's temporaries stay in cache
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return ThreadPoolExecutor(min(cores, 8), thread_name_prefix="qsweep-lse")
+
+
+def logsumexp_now(x: mx.array, exclude: np.ndarray | None = None) -> np.ndarray:
+    """logsumexp over the last axis, evaluated now, as float32 numpy; leaving out, per row, the token ids in
+    `exclude` (same leading shape, ids on the last axis) when given. numpy releases the GIL in its loops,
+    so the chunks run on every core."""
+    x = np.asarray(x.astype(mx.float32))  # evaluates; no copy for a float32 array on the CPU
+    lead, vocab = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, vocab)
+    skip = None if exclude is None else np.asarray(exclude).reshape(len(rows), -1)
+    out = np.empty(len(rows), dtype=np.float32)
+
+    def chunk(start: int) -> None:
+        c = rows[start:start + LSE_ROWS]
+        if skip is not None:
+            c = c.copy()
+            np.put_along_axis(c, skip[start:start + LSE_ROWS], -np.inf, axis=-1)
+        top = c.max(axis=-1, keepdims=True)
+        finite = np.where(np.isfinite(top), top, 0.0)  # a row of -inf only: its logsumexp is -inf
+        with np.errstate(divide="ignore"):
+            out[start:start + LSE_ROWS] = finite[:, 0] + np.log(np.exp(c - finite).sum(axis=-1))
+
+    list(_pool().map(chunk, range(0, len(rows), LSE_ROWS)))
+    return out.reshape(lead)
 
 
 def _fast_logsumexp(x: mx.array) -> mx.array:

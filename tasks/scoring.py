@@ -120,8 +120,8 @@ class Scorer:
         if self.packable < _packed_length((ctx, list(enumerate(conts)))) or not compat.positioned_rope(self.model):
             return False
         got = [0.0] * len(conts)
-        owner, logprobs, _ = self._packed_graph([[(ctx, list(enumerate(conts)))]])
-        for b, lp in zip(owner, np.array(logprobs).tolist()):
+        owner, logits, picked, _ = self._packed_graph([[(ctx, list(enumerate(conts)))]])
+        for b, lp in zip(owner, (np.array(picked) - cpu.logsumexp_now(logits)).tolist()):
             got[b] += lp
         for cont, lp in zip(conts, got):
             logits = self.model(mx.array([ctx + cont[:-1]]))[0, len(ctx) - 1:].astype(mx.float32)
@@ -139,10 +139,11 @@ class Scorer:
             for stream, part in zip(self.streams, _split(rows, n)):
                 with mx.stream(stream):
                     pending.append((part, *self._packed_graph(part)))
-            mx.eval([arrays for _, *arrays in pending])
-        for part, owner, logprobs, greedy in pending:
+            mx.eval([arrays for _, _, *arrays in pending])
+        for part, owner, logits, picked, greedy in pending:
             items = [i for row in part for _, its in row for i, _ in its]
-            owner, logprobs, greedy = np.array(owner), np.array(logprobs, dtype=np.float64), np.array(greedy)
+            logprobs = np.array(picked, dtype=np.float64) - cpu.logsumexp_now(logits)
+            owner, greedy = np.array(owner), np.array(greedy)
             totals = np.bincount(owner, weights=logprobs, minlength=len(items))
             misses = np.bincount(owner, weights=~greedy, minlength=len(items))
             for b, i in enumerate(items):
@@ -152,8 +153,8 @@ class Scorer:
         """The lazy graph scoring every continuation in these rows in one forward pass.
 
         A question in a row is its context followed by each continuation minus its last
-        token. Returns (owner, log-prob, greedy) per scored token, owner numbering the
-        continuations in row order.
+        token. Returns (owner, logits, the target's logit, greedy) per scored token, owner numbering
+        the continuations in row order; log-prob = target's logit - logsumexp(logits), taken once evaluated.
         """
         trunk, head = self.trunk_and_head
         width = max(map(_row_length, rows))
@@ -187,8 +188,7 @@ class Scorer:
         hidden = trunk(mx.array(tokens), cache=[compat.PackedRowsCache(mask, positions) for _ in self.model.layers])
         logits = head(hidden.reshape(-1, hidden.shape[-1])[mx.array(where)]).astype(mx.float32)
         target = mx.array(targets)
-        logprobs = mx.take_along_axis(logits, target[:, None], axis=-1)[:, 0] - cpu.logsumexp(logits)
-        return owner, logprobs, mx.argmax(logits, axis=-1) == target
+        return owner, logits, mx.take_along_axis(logits, target[:, None], axis=-1)[:, 0], mx.argmax(logits, axis=-1) == target
 
     def _score_batch(self, rows, slots, results) -> None:
         """One right-padded forward pass; gather the log-probs of every scored token."""
@@ -202,10 +202,11 @@ class Scorer:
 
         hidden = trunk(mx.array(tokens))
         picked = head(hidden[mx.array(b_idx), mx.array(p_idx)]).astype(mx.float32)
-        logprobs = mx.take_along_axis(picked, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(picked, axis=-1)
+        target_logit = mx.take_along_axis(picked, targets[:, None], axis=-1)[:, 0]
         greedy = mx.argmax(picked, axis=-1) == targets
-        mx.eval(logprobs, greedy)
-        logprobs, greedy = np.array(logprobs, dtype=np.float64), np.array(greedy)
+        mx.eval(picked, target_logit, greedy)
+        logprobs = np.array(target_logit, dtype=np.float64) - cpu.logsumexp_now(picked)
+        greedy = np.array(greedy)
 
         start = 0
         for i, _, _, cont in slots:
