@@ -489,7 +489,62 @@ def report_blocks(store, out: Path | None = None) -> list[tuple]:
         if model in history:
             blocks += [("h3", "History"), ("img", f"history-{slug}.png", history_png(model, history[model]),
                                            f"{model}: metrics over runs, one point per computed result")]
+    blocks += models_blocks(latest)
     return [(*b[:3], no_paths(b[3])) if b[0] == "img" else (b[0], *map(_no_paths_in, b[1:])) for b in blocks]
+
+
+def models_blocks(latest: dict[str, list[Row]]) -> list[tuple]:
+    """Several models on one plot: mean accuracy against size on disk, each model's own frontier, over the tasks
+    every one of them measured the same way (questions, data, backend); none when fewer than two models have them."""
+    hows = [h for h in ({t: h for r in rows for t, h in r.how.items()} for rows in latest.values()) if h]
+    shared = sorted(t for t in set.intersection(*(set(h) for h in hows)) if len({h[t] for h in hows}) == 1) if hows else []
+    series = {}
+    for model, rows in latest.items():
+        pts = [(r.recipe + " (gated)" * bool(r.gated), r.get("quantize", "disk_bytes"), mean_acc(r, shared), r)
+               for r in rows]
+        pts = [(n, b / 1e9, y, mean_acc_halfwidth(r, shared)) for n, b, y, r in pts if b and y is not None]
+        if pts:
+            series[model] = pts
+    if len(series) < 2:
+        return []
+    n, data, backend = hows[0][shared[0]]
+    tasks = f"{len(shared)} task{'s' * (len(shared) != 1)}"
+    title = f"mean accuracy over {tasks} against size on disk"
+    text = (f"Every model's recipes on one plot, for choosing a model and a recipe for a size budget: mean accuracy "
+            f"over the {tasks} all of them measured on the same questions ({', '.join(shared)}; "
+            f"{n} each, {data}, backend {backend}) with its 95% interval, against the model's bytes on disk; the step "
+            f"line is each model's own accuracy frontier.")
+    return [("h2", "Models side by side"), ("p", text),
+            ("img", "models.png", _png(models_figure(title, series)), f"{title}, one frontier per model")]
+
+
+def models_figure(title: str, series: dict[str, list[tuple]]):
+    """series: model -> [(recipe, GB on disk, mean acc, 95% half-width or None)]."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots(gridspec_kw={"left": 0.11, "right": 0.97, "bottom": 0.11, "top": 0.92})
+    names, xs, ys = [], [], []
+    for i, (model, pts) in enumerate(sorted(series.items())):
+        color = f"C{i % 10}"
+        front = pareto_front([(x, y) for _, x, y, _ in pts], True)
+        ax.step([pts[j][1] for j in front], [pts[j][2] for j in front], where="post", color=color, lw=1.3, zorder=1)
+        bars = [p for p in pts if p[3] is not None]
+        if bars:
+            ax.errorbar([p[1] for p in bars], [p[2] for p in bars], yerr=[p[3] for p in bars], fmt="none",
+                        ecolor=color, alpha=0.45, elinewidth=0.9, capsize=3, zorder=1)
+        ax.scatter([p[1] for p in pts], [p[2] for p in pts], s=36, color=color, edgecolor="black", zorder=3, label=model)
+        names += [p[0] for p in pts]
+        xs += [p[1] for p in pts]
+        ys += [p[2] for p in pts]
+    ax.set_xscale("log")
+    ax.set(xlabel="size on disk, GB (log scale; smaller is better)", ylabel="mean accuracy (higher is better)")
+    ax.set_title(title, fontsize=10)
+    ax.margins(x=0.15, y=0.12)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=FONT)
+    _label_points(ax, xs, ys, names)
+    return fig
 
 
 def _no_paths_in(part):

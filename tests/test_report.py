@@ -330,3 +330,28 @@ def test_history_plot_has_one_point_per_computed_artifact_and_clips_the_outlier(
         assert 2 <= len(labels) <= 5
         dated = [text for text in labels + [ax.xaxis.get_offset_text().get_text()] if re.search(r"\d{4}", text)]
         assert len(dated) <= 1  # the date once per axis
+
+
+def test_two_models_are_also_shown_side_by_side_on_the_tasks_both_measured_the_same_way(tmp_path):
+    """A second model, measured on the same questions for one task and on other ones for another: the report adds
+    one plot of both models' recipes against size on disk, over the shared task only; one model alone gets none."""
+    root = make_store(tmp_path / "store")
+    db = HeldStore(Store(root).metrics_db)
+    db.start_run("run-3", "two", "sweeps/two.yaml", "d3", "host", {}, [])
+    for recipe, bits, acc in (("bf16", 16.0, 0.70), ("q4", 4.5, 0.61)):
+        record(db, "run-3", "other", recipe, "quantize", f"other-quant-{recipe}",
+               [{"task": "model", "metric": "bits_per_weight", "value": bits},
+                {"task": "model", "metric": "disk_bytes", "value": bits * 3e8}])
+        record(db, "run-3", "other", recipe, "benchmark", f"other-bench-{recipe}",
+               [{"task": "arc_easy", "metric": "acc", "value": acc, "stderr": 0.02, "n": 100},
+                {"task": "boolq", "metric": "acc", "value": acc, "stderr": 0.02, "n": 50}])  # 50, not 100: not shared
+    db.finish_run("run-3", "completed")
+    db.con.close()
+    write_report(root, tmp_path / "md", "md")
+    page = (tmp_path / "md" / "report.md").read_text()
+    assert "## Models side by side" in page and "(models.png)" in page
+    assert "over the 1 task all of them measured on the same questions (arc_easy; 100 each" in page
+    assert (tmp_path / "md" / "models.png").read_bytes().startswith(PNG)
+
+    write_report(make_store(tmp_path / "one"), tmp_path / "one-md", "md")
+    assert "side by side" not in (tmp_path / "one-md" / "report.md").read_text()
