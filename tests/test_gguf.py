@@ -504,6 +504,21 @@ def test_gemma3_270m_gguf_runs(tmp_path):
                              for k in ("tokens", "scores", "token_type"))
     for text in GEMMA_TEXTS + ["The capital of Italy is", "  indented:\n\tx = 1_000_000"]:
         assert tok.encode(text) == [2] + spm_encode(text, tokens, scores, types), text
+    # llama.cpp's own tokenizer on pieces of every shipped text (tests/data: bench/llama_cpp_tokens.py made them)
+    made = json.loads((Path(__file__).parent / "data" / "gemma3_270m_llama_cpp_ids.json").read_text(encoding="utf-8"))
+    assert made["gguf_sha256"] == GEMMA3_SHA256
+    for piece in made["pieces"]:
+        assert tok.encode(piece["text"]) == piece["ids"], piece["source"]
+
+    # one tensor of each of the file's types: the converted weight is its dequantized values in bfloat16
+    weights = mx.load(str(tmp_path / "base" / "model.safetensors"))
+    seen = {}
+    for t in reader.tensors:
+        if t.tensor_type.name not in seen and not t.name.endswith("norm.weight"):
+            seen[t.tensor_type.name] = t.name
+            want = mx.array(gguf.quants.dequantize(t.data, t.tensor_type)).astype(mx.bfloat16)
+            assert mx.array_equal(weights[gemma3_hf_name(t.name)], want), t.name
+    assert {"Q8_0", "Q5_0", "Q4_K", "Q6_K"} <= set(seen), seen
 
     answers = {p: generate(model, tok, p, max_tokens=6) for p in
                ("The capital of Italy is", "The capital of Italy is the city of", "Rome is the capital of")}
