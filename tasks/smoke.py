@@ -133,14 +133,23 @@ def token_nll(model, prompt: list[int], answer: list[int]) -> list[float]:
     return (-mx.take_along_axis(logp, mx.array(answer)[:, None], axis=-1)[:, 0]).tolist()
 
 
+# (base folder, prompt, max_tokens) -> the base's own greedy answer and its NLLs: the same for every recipe's cell,
+# so a sweep computes it once per process (the folder is a content-addressed artifact: its bytes never change)
+_BASE_ANSWERS: dict[tuple, tuple] = {}
+
+
 def base_judgement(base_dir: Path, prompt: str, tokens: list[int], max_tokens: int) -> dict:
     """The base (fp32) on the same question: its own greedy answer, and how surprising it finds each answer."""
     import mlx.core as mx
 
     base, tokenizer = load_as(base_dir, "fp32")
     prompt_tokens, _ = chat_prompt(tokenizer, prompt)
-    base_tokens, base_text, _, _ = generate(base, tokenizer, prompt_tokens, max_tokens)
-    nll, base_nll = token_nll(base, prompt_tokens, tokens), token_nll(base, prompt_tokens, base_tokens)
+    memo = (str(Path(base_dir).resolve()), prompt, max_tokens)
+    if memo not in _BASE_ANSWERS:
+        base_tokens, base_text, _, _ = generate(base, tokenizer, prompt_tokens, max_tokens)
+        _BASE_ANSWERS[memo] = (base_tokens, base_text, token_nll(base, prompt_tokens, base_tokens))
+    base_tokens, base_text, base_nll = _BASE_ANSWERS[memo]
+    nll = token_nll(base, prompt_tokens, tokens)
     del base
     mx.clear_cache()
     return {"answer_nll": _mean(nll), "base_answer_nll": _mean(base_nll), "answer_token_nll": [round(x, 4) for x in nll],
