@@ -29,7 +29,7 @@ setup-cuda:
 
 demo: $(STAMP)
 	$(VENV)/bin/qsweep run sweeps/demo.yaml
-	$(VENV)/bin/qsweep sql "SELECT model, recipe, task, metric, round(value, 4) AS value, round(stderr, 4) AS stderr FROM latest_metrics WHERE stage IN ('quantize', 'benchmark') ORDER BY recipe, task, metric"
+	$(VENV)/bin/qsweep sql "$$(cat sweeps/demo.sql)"
 	@echo "model cards: .qsweep/published/*/README.md   held back by a quality gate: .qsweep/gated/*/README.md   report: .qsweep/report/report.html"
 
 system:
