@@ -25,6 +25,7 @@ if __name__ == "__main__":
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tasks import cpu  # noqa: E402
 from tasks.fidelity import _load, _passes, fidelity, reference, targets, windows  # noqa: E402
 from tasks.loading import resolve_backend  # noqa: E402
 from tasks.quantize import quantize  # noqa: E402
@@ -41,11 +42,9 @@ def plain_perplexity(model_dir: Path, params: dict) -> float:
     tokens = windows(tokenizer, params)
     scored = targets(tokens)
 
-    def target(logp, first):
-        wanted = mx.array(scored[first:first + len(logp)])
-        return mx.take_along_axis(logp, wanted[..., None], axis=-1)[..., 0]
-
-    nll = [-np.array(t) for _, t in _passes(model, tokens, target)]
+    nll = [cpu.logsumexp_now(logits) - np.take_along_axis(np.asarray(logits), scored[first:first + len(logits)][..., None],
+                                                          axis=-1)[..., 0]
+           for first, logits in _passes(model, tokens)]
     return float(np.exp(np.concatenate(nll).mean()))
 
 
@@ -61,8 +60,8 @@ def best_of(repeats: int, fn):
 def full_kl(base, quant, tokens: np.ndarray) -> float:
     """KL over the whole vocabulary, position by position: what the top-k reference approximates."""
     total, count = 0.0, 0
-    keep = lambda logp, first: logp  # noqa: E731
-    for (_, lb), (_, lq) in zip(_passes(base, tokens, keep), _passes(quant, tokens, keep)):
+    for (_, b), (_, q) in zip(_passes(base, tokens), _passes(quant, tokens)):
+        lb, lq = b - mx.array(cpu.logsumexp_now(b))[..., None], q - mx.array(cpu.logsumexp_now(q))[..., None]
         total += (mx.exp(lb) * (lb - lq)).sum().item()
         count += lb.shape[0] * lb.shape[1]
     return total / count
