@@ -521,6 +521,7 @@ def models_blocks(latest: dict[str, list[Row]]) -> list[tuple]:
 def models_figure(title: str, series: dict[str, list[tuple]]):
     """series: model -> [(recipe, GB on disk, mean acc, 95% half-width or None)]."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots(gridspec_kw={"left": 0.11, "right": 0.97, "bottom": 0.11, "top": 0.92})
@@ -538,6 +539,9 @@ def models_figure(title: str, series: dict[str, list[tuple]]):
         xs += [p[1] for p in pts]
         ys += [p[2] for p in pts]
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.1, not 10^-1
+    ax.xaxis.set_minor_formatter(FuncFormatter(  # 0.2, 0.3, 0.5 between them; the others unlabelled
+        lambda v, _: f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (2, 3, 5) else ""))
     ax.set(xlabel="size on disk, GB (log scale; smaller is better)", ylabel="mean accuracy (higher is better)")
     ax.set_title(title, fontsize=10)
     ax.margins(x=0.15, y=0.12)
