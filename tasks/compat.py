@@ -50,8 +50,8 @@ class PackedRowsCache:
     """Stands in for a layer's KV cache in a packed pass: keeps nothing, gives the mask and positions.
 
     mlx-lm's attention (models/llama.py and kin, gemma3_text, 0.32.2) calls, per layer, cache.make_mask(...)
-    through models/base.create_attention_mask for the mask (window_size ignored: see packable_length), self.rope(x, offset=cache.offset),
-    and cache.update_and_fetch(keys, values). Here the mask is given whole and the offset is
+    through models/base.create_attention_mask for the mask (its window_size ignored: see packable_length),
+    self.rope(x, offset=cache.offset), and cache.update_and_fetch(keys, values). Here the mask is given whole and the offset is
     a (batch, length) array of per-token positions, which only PositionedRoPE understands.
     """
 

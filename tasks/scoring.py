@@ -188,7 +188,8 @@ class Scorer:
         hidden = trunk(mx.array(tokens), cache=[compat.PackedRowsCache(mask, positions) for _ in self.model.layers])
         logits = head(hidden.reshape(-1, hidden.shape[-1])[mx.array(where)]).astype(mx.float32)
         target = mx.array(targets)
-        return owner, logits, mx.take_along_axis(logits, target[:, None], axis=-1)[:, 0], mx.argmax(logits, axis=-1) == target
+        picked = mx.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
+        return owner, logits, picked, mx.argmax(logits, axis=-1) == target
 
     def _score_batch(self, rows, slots, results) -> None:
         """One right-padded forward pass; gather the log-probs of every scored token."""

@@ -20,7 +20,9 @@ Verdicts, first match wins; only the tokens before EOS count:
   6 nats per token (each token ~400x less likely than the base's own), judged on
   answers of 4 tokens or more;
 - `repetitive_as_base`: the answer loops, and so does the base's own greedy answer to
-  the same prompt (the base in fp32), and it passes the word-salad check. A pretrained
+  the same prompt (the base in fp32); it has at least half as many distinct tokens as the
+  base's answer (a collapse to "the the the" is still `repetitive`), and it passes the
+  word-salad check. A pretrained
   (not instruction-tuned) model under greedy decoding often loops: gemma-3-270m answers
   the demo's prompt "The sky is blue because the sun is the only source of light." and
   then "The sun is the only source of light." three times more. That says nothing about
@@ -95,7 +97,7 @@ def verdict(tokens: list[int], text: str, stopped: bool = False, nll: float | No
     if not text.strip():
         return "empty"
     looped = repeats(tokens)
-    if looped and not (base_tokens and repeats(base_tokens)):
+    if looped and not (base_tokens and repeats(base_tokens) and 2 * len(set(tokens)) >= len(set(base_tokens))):
         return "repetitive"
     if len(tokens) >= LANGUAGE_TOKENS and nll is not None and base_nll is not None and nll > base_nll + LANGUAGE_MARGIN:
         return "not_language"

@@ -276,5 +276,7 @@ def test_a_loop_the_base_has_too_is_the_models_not_the_quantizations(scorer):
     assert verdict(mine, tok.decode(mine), nll=7.0, base_nll=0.5, base_tokens=base) == "not_language"
     fine = tok.encode("The sky is blue because air scatters blue light more than red.", add_special_tokens=False)
     assert verdict(mine, tok.decode(mine), base_tokens=fine) == "repetitive"  # the base does not loop
+    collapsed = tok.encode(" the sun" * 12, add_special_tokens=False)  # a loop of far fewer words than the base's
+    assert verdict(collapsed, tok.decode(collapsed), nll=0.7, base_nll=0.5, base_tokens=base) == "repetitive"
     assert [g["passed"] for g in check({}, "repetitive_as_base", {"kl_mean": 0.01, "ppl_ratio": 1.0})] == [True] * 3
     assert not check({}, "repetitive", {"kl_mean": 0.01, "ppl_ratio": 1.0})[0]["passed"]
