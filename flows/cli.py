@@ -675,7 +675,7 @@ def build_parser() -> Parser:
                 "It writes the sweep file <store>/sweeps/<name>.yaml and runs it as `qsweep run` would: the same\n"
                 "stages, store and cache, so running it again computes nothing; `qsweep status` and\n"
                 "`qsweep publish <store>/sweeps/<name>.yaml` work on it later.")
-    p.add_argument("source", help="hf://org/name[@revision], a local HF-layout directory, a llama or gemma3 .gguf file, or demo://tiny-llama")
+    p.add_argument("source", help="hf://org/name[@revision], a local HF-layout directory, a llama, qwen2 or gemma3 .gguf file, or demo://tiny-llama")
     p.add_argument("--recipe", action="append", required=True,
                    help="a built-in recipe (`qsweep recipes` lists them) or a recipe file; repeat for several")
     implicit_sweep_options(p)
@@ -688,7 +688,7 @@ def build_parser() -> Parser:
                 "found recipe (auto-<budget>) is quantized, benchmarked and compared with the fidelity corpus, as\n"
                 "a cell of the implicit sweep <store>/sweeps/<name>-search.yaml. The recipe file is beside its model\n"
                 "(<store>/published/<model>-auto-<budget>-mlx/recipe.yaml) and, with --out, copied there.")
-    p.add_argument("source", help="hf://org/name[@revision], a local HF-layout directory, a llama or gemma3 .gguf file, or demo://tiny-llama")
+    p.add_argument("source", help="hf://org/name[@revision], a local HF-layout directory, a llama, qwen2 or gemma3 .gguf file, or demo://tiny-llama")
     p.add_argument("--bpw", type=float, action="append", help="a budget in bits per weight over the quantizable modules, "
                    "scales included (as `qsweep recipes show`); repeat for several")
     p.add_argument("--bytes", type=int, action="append", help="a budget in bytes of the quantizable modules; repeatable")

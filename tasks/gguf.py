@@ -1,11 +1,11 @@
-"""A local llama or gemma3 .gguf file -> a base model in Hugging Face layout.
+"""A local llama, qwen2 or gemma3 .gguf file -> a base model in Hugging Face layout.
 
 A GGUF holds everything a base needs: the (quantized) weights, the hyper-parameters
 and the tokenizer (vocab, merges or scores, token types, chat template) as metadata.
 We dequantize with the `gguf` package's reference dequantizers (every ggml type,
 K-quants included), undo what llama.cpp's convert_hf_to_gguf.py changed (llama: q/k
-rows permuted; gemma3: 1 added to every RMSNorm weight, since HF Gemma computes
-x * (1 + w)), and rebuild config.json and a `tokenizers` tokenizer.json that splits
+rows permuted; qwen2: nothing, its q/k/v biases kept; gemma3: 1 added to every RMSNorm
+weight, since HF Gemma computes x * (1 + w)), and rebuild config.json and a `tokenizers` tokenizer.json that splits
 text the way llama.cpp does: byte-level BPE for the file's `tokenizer.ggml.pre`, or
 SentencePiece BPE by scores with byte fallback (Gemma).
 
@@ -26,15 +26,17 @@ from pathlib import Path
 
 import numpy as np
 
-SUPPORTED_ARCHS = ("llama", "gemma3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
 # llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp), by the names its converter writes.
 GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 LLAMA3_RE = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_RE = LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")  # one digit a piece
 PRE_TOKENIZERS = {  # name: (regexes applied in turn, ignore_merges, add_bos unless the file says)
     **dict.fromkeys(("gpt-2", "phi-2"), ([GPT2_RE], False, False)),
     **dict.fromkeys(("smollm", "starcoder", "refact", "codeshell"), ([r"\p{N}", GPT2_RE], False, False)),
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3"), ([LLAMA3_RE], True, True)),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), ([QWEN2_RE], False, False)),
 }
 CONTROL, USER_DEFINED, UNKNOWN = 3, 4, 2  # gguf.TokenType
 LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -44,7 +46,8 @@ LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k":
 GEMMA3_LAYER = {**LAYER, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
                 "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm",
                 "attn_k_norm": "self_attn.k_norm"}
-LAYERS = {"llama": LAYER, "gemma3": GEMMA3_LAYER}
+LAYERS = {"llama": LAYER, "qwen2": LAYER, "gemma3": GEMMA3_LAYER}
+BIASES = {"qwen2": ("attn_q", "attn_k", "attn_v")}  # the layers that have a bias (Qwen2's q/k/v projections)
 GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 SHARD_BYTES = 2 << 30  # bounds the memory a conversion holds at once
 
@@ -77,7 +80,8 @@ def convert_gguf(path, out_dir) -> dict:
     _check(path.name, meta, tensors)
     out.mkdir(parents=True, exist_ok=True)
     config = _config(meta, tensors)
-    gemma = meta["general.architecture"] == "gemma3"
+    arch = meta["general.architecture"]
+    gemma = arch == "gemma3"
     weight_types = {t for name, (t, shape, _) in tensors.items() if len(shape) == 2}
     dtype = "bfloat16" if gemma or weight_types == {gguf.GGMLQuantizationType.BF16} else "float16"
     config["torch_dtype"] = dtype
@@ -90,7 +94,7 @@ def convert_gguf(path, out_dir) -> dict:
         raw = np.frombuffer(data, np.uint8, _nbytes(qtype, shape), offset).reshape(
             gguf.quants.quant_shape_to_byte_shape(shape, qtype))
         w = gguf.quants.dequantize(raw, qtype)
-        if not gemma and name.endswith(("attn_q.weight", "attn_k.weight")):  # Gemma3Model does not permute
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):  # only LlamaModel permutes
             heads = config["num_attention_heads" if "attn_q" in name else "num_key_value_heads"]
             w = _unpermute(w, heads)
         array, wtype = mx.array(w), dtype if len(shape) == 2 else "float32"
@@ -98,6 +102,8 @@ def convert_gguf(path, out_dir) -> dict:
             array = array - 1
             if mx.array_equal(array.astype(mx.bfloat16).astype(mx.float32), array):
                 wtype = "bfloat16"
+        if name.endswith(".bias") and mx.array_equal(array.astype(getattr(mx, dtype)).astype(mx.float32), array):
+            wtype = dtype  # float32 biases would turn the whole forward pass float32
         shard[_hf_name(name, meta["general.architecture"])] = array = array.astype(getattr(mx, wtype))
         mx.eval(array)  # now, so that the float32 copy goes
         size += array.nbytes
@@ -120,10 +126,12 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 def _hf_name(name: str, arch: str) -> str:
     base, _, suffix = name.rpartition(".")
     parts, layer = base.split("."), LAYERS[arch]
-    if suffix != "weight":  # e.g. attention biases, which a llama config cannot declare here
+    if suffix == "bias" and not (parts[0] == "blk" and len(parts) == 3 and parts[2] in BIASES.get(arch, ())):
+        raise KeyError(name)  # e.g. attention biases in a llama file, which its config cannot declare
+    if suffix not in ("weight", "bias"):
         raise KeyError(name)
     if parts[0] == "blk" and len(parts) == 3 and parts[2] in layer:
-        return f"model.layers.{parts[1]}.{layer[parts[2]]}.weight"
+        return f"model.layers.{parts[1]}.{layer[parts[2]]}.{suffix}"
     return f"{GLOBAL[base]}.weight"
 
 
@@ -173,6 +181,8 @@ def _config(meta: dict, tensors: dict) -> dict:
         config["rope_scaling"] = {"type": "linear", "factor": _f32(get("rope.scaling.factor"))}
     if arch == "gemma3":
         config.update(_gemma3_config(get, config))
+    if arch == "qwen2":  # mlx-lm's qwen2: q/k/v biases always, no head_dim of its own (hidden / heads)
+        config.update({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "attention_bias": True})
     return config
 
 

@@ -1,4 +1,4 @@
-"""The GGUF source: a local llama or gemma3 .gguf file -> an HF-layout base that mlx-lm loads.
+"""The GGUF source: a local llama, qwen2 or gemma3 .gguf file -> an HF-layout base that mlx-lm loads.
 
 The fast tests write a GGUF from the tiny demo model the way llama.cpp's convert_hf_to_gguf.py
 does (the gguf package's tensor names and SpecialVocab, q/k rows permuted, vocab, merges and
@@ -38,7 +38,8 @@ def sha256(path: Path) -> str:
 
 def write_gguf(model_dir: Path, path: Path, qtype="F16", arch="llama", tokenizer_model="gpt2", pre="gpt-2",
                license=None) -> Path:
-    """A llama GGUF of an HF-layout model, written as llama.cpp's LlamaModel converter writes it."""
+    """A GGUF of an HF-layout model, written as llama.cpp's converter writes it: LlamaModel's (q/k rows permuted)
+    for a llama, Qwen2Model's (nothing permuted, q/k/v biases) for a qwen2."""
     cfg = json.loads((model_dir / "config.json").read_text())
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     w = gguf.GGUFWriter(str(path), arch)
@@ -75,13 +76,14 @@ def write_gguf(model_dir: Path, path: Path, qtype="F16", arch="llama", tokenizer
     w.add_token_types(types)
     gguf.SpecialVocab(model_dir, load_merges=True).add_to_gguf(w, quiet=True)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg["num_hidden_layers"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2 if arch == "qwen2" else gguf.MODEL_ARCH.LLAMA,
+                                     cfg["num_hidden_layers"])
     for name, array in sorted(mx.load(str(model_dir / "model.safetensors")).items()):
         data = np.array(array.astype(mx.float32))
-        if name.endswith(("q_proj.weight", "k_proj.weight")):  # LlamaModel.permute
+        if arch != "qwen2" and name.endswith(("q_proj.weight", "k_proj.weight")):  # LlamaModel.permute
             n = heads if "q_proj" in name else kv_heads
             data = data.reshape(n, 2, data.shape[0] // n // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
-        target = names.get_name(name, try_suffixes=(".weight",))
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if data.ndim == 1:
             w.add_tensor(target, data)
         elif qtype == "F16":
@@ -154,6 +156,48 @@ def test_gguf_converts_back_to_the_same_model(qtype, tied, tiny_model, tied_mode
                                                                  ref_tok.eos_token_id)
 
 
+@pytest.fixture(scope="module")
+def qwen2_model(tiny_model, tmp_path_factory):
+    """The tiny model as a qwen2: the same weights, plus the q/k/v biases mlx-lm's qwen2 always has."""
+    out = tmp_path_factory.mktemp("models") / "qwen2"
+    shutil.copytree(tiny_model, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    weights, rng = mx.load(str(out / "model.safetensors")), np.random.default_rng(0)
+    for name in [k for k in weights if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))]:
+        bias = rng.standard_normal(weights[name].shape[0]).astype(np.float32) * 0.5
+        weights[name.removesuffix("weight") + "bias"] = mx.array(bias).astype(weights[name].dtype)
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return out
+
+
+def test_qwen2_gguf_converts_back_with_its_biases(qwen2_model, tmp_path):
+    """As llama.cpp's Qwen2Model writes it: no q/k permutation, q/k/v biases, the qwen2 pre-tokenizer."""
+    path = write_gguf(qwen2_model, tmp_path / "qwen.gguf", arch="qwen2", pre="qwen2")
+    info = convert_gguf(path, tmp_path / "base")
+    assert (info["architecture"], info["dtype"]) == ("qwen2", "float16")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert (config["model_type"], config["architectures"]) == ("qwen2", ["Qwen2ForCausalLM"])
+
+    weights, original = mx.load(str(tmp_path / "base" / "model.safetensors")), mx.load(str(qwen2_model / "model.safetensors"))
+    biases = sorted(k for k in original if k.endswith(".bias"))
+    assert len(biases) == 3 * config["num_hidden_layers"] and sorted(k for k in weights if k.endswith(".bias")) == biases
+    for name in biases:  # bfloat16 biases, float32 in the GGUF, float16 here where that is exact, else float32
+        assert mx.array_equal(weights[name].astype(mx.float32), original[name].astype(mx.float32)), name
+
+    reference, ref_tok = as_gguf_would_store(qwen2_model, "F16")
+    model, tok = load(str(tmp_path / "base"))
+    model.set_dtype(mx.float32)
+    for text in TEXTS[:3]:
+        ids = ref_tok.encode(text)
+        want, got = reference(mx.array(ids)[None]), model(mx.array(ids)[None])
+        assert (mx.abs(want - got).max() / mx.abs(want).max()).item() < 2e-3, text  # permuted q/k would be far off
+    # qwen2's pre-tokenizer: one digit a piece, as llama.cpp splits it
+    assert [p for p, _ in Tokenizer.from_file(str(tmp_path / "base" / "tokenizer.json")).pre_tokenizer.pre_tokenize_str(
+        " 12345 don't")] == ["Ġ", "1", "2", "3", "4", "5", "Ġdon", "'t"]
+    assert tok.decode(tok.encode(TEXTS[1])) == TEXTS[1]
+
+
 def test_gguf_source_resolves_and_downloads(tiny_model, tmp_path, monkeypatch):
     path = write_gguf(tiny_model, tmp_path / "Tiny.GGUF", license="apache-2.0")
     resolved = resolve_source(str(path))
@@ -197,6 +241,7 @@ def test_big_models_are_sharded_with_an_index(tiny_model, tmp_path, monkeypatch)
     ("gpt-2", ["Ġ12345", "Ġdon", "'t"], False),
     ("smollm", ["Ġ", "1", "2", "3", "4", "5", "Ġdon", "'t"], False),
     ("llama-bpe", ["Ġ", "123", "45", "Ġdon", "'t"], True),  # llama.cpp adds BOS for llama3-style vocabs
+    ("qwen2", ["Ġ", "1", "2", "3", "4", "5", "Ġdon", "'t"], False),
 ])
 def test_pre_tokenizer_splits_as_llama_cpp(pre, pieces, bos, tiny_model, tmp_path):
     convert_gguf(write_gguf(tiny_model, tmp_path / "t.gguf", pre=pre), tmp_path / "out")
@@ -207,22 +252,22 @@ def test_pre_tokenizer_splits_as_llama_cpp(pre, pieces, bos, tiny_model, tmp_pat
 
 def test_unsupported_gguf_is_a_clear_error(tiny_model, tmp_path):
     gemma = write_gguf(tiny_model, tmp_path / "gemma.gguf", arch="gemma")
-    with pytest.raises(GGUFError, match=r"architecture 'gemma' is not supported; supported: llama, gemma3$"):
+    with pytest.raises(GGUFError, match=r"architecture 'gemma' is not supported; supported: llama, qwen2, gemma3$"):
         gguf_info(gemma)
     with pytest.raises(GGUFError, match="'gemma'"):
         convert_gguf(gemma, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before anything is written
     with pytest.raises(SourceError) as err:
         resolve_source(str(gemma))
-    assert repr(str(gemma)) in str(err.value) and "'gemma'" in str(err.value) and "llama or gemma3 .gguf" in str(err.value)
+    assert repr(str(gemma)) in str(err.value) and "'gemma'" in str(err.value) and "llama, qwen2 or gemma3 .gguf" in str(err.value)
 
     spm = write_gguf(tiny_model, tmp_path / "spm.gguf", tokenizer_model="llama")  # llama.cpp: space prefix
     with pytest.raises(GGUFError, match=r"SentencePiece vocab with a space prefix is not supported"):
         gguf_info(spm)
     with pytest.raises(GGUFError, match=r"tokenizer model 't5' is not supported; supported: 'gpt2'"):
         gguf_info(write_gguf(tiny_model, tmp_path / "t5.gguf", tokenizer_model="t5"))
-    with pytest.raises(GGUFError, match=r"pre-tokenizer 'qwen2' is not supported; supported: gpt-2, "):
-        gguf_info(write_gguf(tiny_model, tmp_path / "qwen.gguf", pre="qwen2"))
+    with pytest.raises(GGUFError, match=r"pre-tokenizer 'chatglm-bpe' is not supported; supported: gpt-2, "):
+        gguf_info(write_gguf(tiny_model, tmp_path / "glm.gguf", pre="chatglm-bpe"))
 
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf at all")
