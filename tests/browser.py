@@ -160,8 +160,11 @@ def check_prefect_ui(page, ui_url: str, sweep_run_name: str, cell_run_names: lis
 
     page.goto(ui + "/runs")
     sweep = shown(link(sweep_run_name, flow_run_id or "").first, f"flow run {sweep_run_name!r} in the runs list")
-    sweep_id = sweep.get_attribute("href").rstrip("/").rsplit("/", 1)[-1]
-    sweep.click()
+    href = sweep.get_attribute("href")
+    sweep_id = href.rstrip("/").rsplit("/", 1)[-1]
+    # the link the list shows, followed as the cells' are below: a click can land while the list refreshes
+    # (it polls) and navigate nowhere (seen once in CI: no navigation in 30 s)
+    page.goto(ui + href)
     page.wait_for_url(f"**/runs/flow-run/{sweep_id}**")
     seen = task_states(sweep_run_name)
     open_tab("Subflow Runs")
