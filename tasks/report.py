@@ -363,13 +363,18 @@ def frontier_figure(title: str, names: list[str], xs: list[float], ys: list[floa
         if pick:
             ax.scatter([xs[i] for i in pick], [ys[i] for i in pick], zorder=3 if what == "frontier" else 2, label=label,
                        **style)
-    ax.set(xlabel="bits per weight (fewer is better)", ylabel=ylabel)
+    _finish(ax, title, "bits per weight (fewer is better)", ylabel, xs, ys, names)
+    return fig
+
+
+def _finish(ax, title: str, xlabel: str, ylabel: str, xs, ys, names) -> None:
+    """What every Pareto plot ends with: axes, title, grid, legend and each point's recipe label."""
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.set_title(title, fontsize=10)
     ax.margins(x=0.15, y=0.12)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=FONT)
     _label_points(ax, xs, ys, names)
-    return fig
 
 
 def frontier_png(*args, **kwargs) -> bytes:
@@ -542,12 +547,7 @@ def models_figure(title: str, series: dict[str, list[tuple]]):
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.1, not 10^-1
     ax.xaxis.set_minor_formatter(FuncFormatter(  # 0.2, 0.3, 0.5 between them; the others unlabelled
         lambda v, _: f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (2, 3, 5) else ""))
-    ax.set(xlabel="size on disk, GB (log scale; smaller is better)", ylabel="mean accuracy (higher is better)")
-    ax.set_title(title, fontsize=10)
-    ax.margins(x=0.15, y=0.12)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=FONT)
-    _label_points(ax, xs, ys, names)
+    _finish(ax, title, "size on disk, GB (log scale; smaller is better)", "mean accuracy (higher is better)", xs, ys, names)
     return fig
 
 
