@@ -5,8 +5,8 @@ and the tokenizer (vocab, merges or scores, token types, chat template) as metad
 We dequantize with the `gguf` package's reference dequantizers (every ggml type,
 K-quants included), undo what llama.cpp's convert_hf_to_gguf.py changed (llama: q/k
 rows permuted; qwen2: nothing, its q/k/v biases kept; gemma3: 1 added to every RMSNorm
-weight, since HF Gemma computes x * (1 + w)), and rebuild config.json and a `tokenizers` tokenizer.json that splits
-text the way llama.cpp does: byte-level BPE for the file's `tokenizer.ggml.pre`, or
+weight, since HF Gemma computes x * (1 + w)), and rebuild config.json and a `tokenizers`
+tokenizer.json that splits text the way llama.cpp does: byte-level BPE for the file's `tokenizer.ggml.pre`, or
 SentencePiece BPE by scores with byte fallback (Gemma).
 
 Dequantized llama weights are written as float16: the ggml formats keep their block
@@ -98,13 +98,15 @@ def convert_gguf(path, out_dir) -> dict:
             heads = config["num_attention_heads" if "attn_q" in name else "num_key_value_heads"]
             w = _unpermute(w, heads)
         array, wtype = mx.array(w), dtype if len(shape) == 2 else "float32"
-        if gemma and name.endswith("norm.weight"):  # Gemma3Model.modify_tensors: data_torch + 1
+        gemma_norm = gemma and name.endswith("norm.weight")
+        if gemma_norm:  # Gemma3Model.modify_tensors: data_torch + 1
             array = array - 1
-            if mx.array_equal(array.astype(mx.bfloat16).astype(mx.float32), array):
-                wtype = "bfloat16"
-        if name.endswith(".bias") and mx.array_equal(array.astype(getattr(mx, dtype)).astype(mx.float32), array):
-            wtype = dtype  # float32 biases would turn the whole forward pass float32
-        shard[_hf_name(name, meta["general.architecture"])] = array = array.astype(getattr(mx, wtype))
+        # Gemma's norms and qwen2's biases in the weights' dtype where that is exact (Gemma's: always
+        # bfloat16): float32 ones would turn the whole forward pass float32
+        if (gemma_norm or name.endswith(".bias")) and mx.array_equal(
+                array.astype(getattr(mx, dtype)).astype(mx.float32), array):
+            wtype = dtype
+        shard[_hf_name(name, arch)] = array = array.astype(getattr(mx, wtype))
         mx.eval(array)  # now, so that the float32 copy goes
         size += array.nbytes
         if size >= SHARD_BYTES:
