@@ -144,6 +144,11 @@ def _log_probs(logits: mx.array, ids: np.ndarray, lse: np.ndarray) -> np.ndarray
     return np.take_along_axis(np.asarray(logits), ids, axis=-1) - lse[..., None]
 
 
+def _top_and_rest(logits: mx.array, top_ids: np.ndarray, lse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probs of the given tokens, and the log of the mass of all others (summed directly, not 1 - top)."""
+    return _log_probs(logits, top_ids, lse), cpu.logsumexp_now(logits, exclude=top_ids) - lse
+
+
 def reference(base_dir: Path, params: dict, out: Path) -> dict:
     """The base model's top-k next-token log-probs on the corpus windows, saved as reference.npz.
 
@@ -160,8 +165,8 @@ def reference(base_dir: Path, params: dict, out: Path) -> dict:
         # the top k in no particular order (a partition, not a sort), the log of the mass of all the others
         # (summed directly, not 1 - top), the actual next token's, and the top 1 on its own
         top_ids = np.array(mx.argpartition(-logits, kth=k_ - 1, axis=-1)[..., :k_].astype(mx.int32))
-        arrays = (top_ids, _log_probs(logits, top_ids, lse).astype(np.float16),
-                  cpu.logsumexp_now(logits, exclude=top_ids) - lse,
+        top_logp, rest = _top_and_rest(logits, top_ids, lse)
+        arrays = (top_ids, top_logp.astype(np.float16), rest,
                   _log_probs(logits, scored[first:first + len(logits)][..., None], lse)[..., 0],
                   np.asarray(logits).argmax(axis=-1).astype(np.int32))
         for name, value in zip(parts, arrays):
@@ -186,9 +191,8 @@ def compare(model, ref: dict) -> dict:
         lse = cpu.logsumexp_now(logits)
         top_ids, top_logp = ref["top_ids"][first:end], ref["top_logp"][first:end].astype(np.float32)
         rest_b = ref["rest_logp"][first:end]
-        # rounded as the base's were: a model against itself reads 0
-        q_top = _log_probs(logits, top_ids, lse).astype(np.float16).astype(np.float32)
-        rest_q = cpu.logsumexp_now(logits, exclude=top_ids) - lse
+        q_top, rest_q = _top_and_rest(logits, top_ids, lse)
+        q_top = q_top.astype(np.float16).astype(np.float32)  # rounded as the base's were: a model against itself reads 0
         p_rest = np.exp(rest_b)
         with np.errstate(invalid="ignore"):  # no rest when k covers the vocabulary: -inf - -inf, then dropped
             rest_term = np.where(p_rest > 0, p_rest * (rest_b - rest_q), 0.0)
